@@ -1,0 +1,32 @@
+// Operator schemas of the uan namespace and the Python module entry point.
+// Kernels are registered per device in uan_cpu.cpp and cuda/uan_cuda.cu;
+// fake implementations and autograd are registered from Python (uan_kernels/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing uan_kernels._C loads this library, which runs the registrations.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(uan, m) {
+  // Training forward: batch statistics. Returns the output and the (K, C)
+  // batch mean, biased variance and mass S_k = sum_i tau_ik.
+  m.def(
+      "forward(Tensor input, Tensor mu, Tensor log_sigma, Tensor mix_logits, Tensor? weight, Tensor? bias, "
+      "float eps) -> (Tensor output, Tensor mean, Tensor var, Tensor mass)");
+  // Eval forward: given (K, C) statistics.
+  m.def(
+      "forward.stats(Tensor input, Tensor mu, Tensor log_sigma, Tensor mix_logits, Tensor mean, Tensor var, "
+      "Tensor? weight, Tensor? bias, float eps) -> Tensor output");
+  // Backward of both: with mass, mean/var are the batch statistics of the
+  // training forward (their dependence on input is differentiated); without,
+  // they are given constants. mixture_grads=False skips the mu, log_sigma and
+  // mix_logits sums (buffers in update="moving_average") and returns zeros.
+  m.def(
+      "backward(Tensor grad_output, Tensor input, Tensor mu, Tensor log_sigma, Tensor mix_logits, "
+      "Tensor? weight, Tensor mean, Tensor var, Tensor? mass, float eps, bool mixture_grads) -> "
+      "(Tensor grad_input, Tensor grad_mu, Tensor grad_log_sigma, Tensor grad_mix_logits, Tensor grad_weight, "
+      "Tensor grad_bias)");
+}

@@ -1,0 +1,76 @@
+"""Builds uan_kernels._C: the C++ (and, where possible, CUDA) UAN operators.
+
+A CppExtension against a CPU build of torch; a CUDAExtension when torch has
+CUDA and nvcc is found. Environment overrides:
+
+* ``UAN_CPU_CAPABILITY``: ``avx512``, ``avx2`` or ``default`` (no x86 SIMD
+  flags). The default picks the widest one this build machine supports, like
+  ``-march=native``: set it explicitly when building for other machines.
+* ``TORCH_CUDA_ARCH_LIST``: CUDA architectures (default ``8.0;9.0``).
+* ``UAN_FORCE_CPU=1``: skip the CUDA kernels even when CUDA is available.
+"""
+import glob
+import os
+import platform
+
+from setuptools import setup
+
+import torch
+from torch.utils import cpp_extension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("csrc")
+
+CPU_CAPABILITY_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY=AVX512",
+               "-DCPU_CAPABILITY_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "default": [],
+}
+
+
+def detect_cpu_capability() -> str:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "default"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return "default"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx512"
+    if {"avx2", "fma"} <= flags:
+        return "avx2"
+    return "default"
+
+
+def build_cuda() -> bool:
+    return (
+        os.environ.get("UAN_FORCE_CPU", "0") in ("", "0")
+        and torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+    )
+
+
+def extension():
+    capability = os.environ.get("UAN_CPU_CAPABILITY") or detect_cpu_capability()
+    if capability not in CPU_CAPABILITY_FLAGS:
+        raise SystemExit(f"UAN_CPU_CAPABILITY must be one of {sorted(CPU_CAPABILITY_FLAGS)}, got {capability!r}")
+    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wno-maybe-uninitialized", *CPU_CAPABILITY_FLAGS[capability]]
+    common = {"include_dirs": [os.path.join(HERE, CSRC)], "py_limited_api": False}
+    if build_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+        nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+        return cpp_extension.CUDAExtension(
+            "uan_kernels._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            define_macros=[("UAN_WITH_CUDA", None)], **common
+        )
+    return cpp_extension.CppExtension("uan_kernels._C", sources, extra_compile_args={"cxx": cxx_flags}, **common)
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)},
+)

@@ -1,0 +1,123 @@
+"""Python side of the ``torch.ops.uan`` operators: fake implementations and autograd.
+
+Importing this module loads the compiled extension ``uan_kernels._C``, which
+defines the schemas and the CPU (and, when built with CUDA, CUDA) kernels:
+
+* ``uan::forward(input, mu, log_sigma, mix_logits, weight?, bias?, eps) -> (output, mean, var, mass)``
+* ``uan::forward.stats(input, mu, log_sigma, mix_logits, mean, var, weight?, bias?, eps) -> output``
+* ``uan::backward(grad_output, input, mu, log_sigma, mix_logits, weight?, mean, var, mass?, eps, mixture_grads)
+  -> (grad_input, grad_mu, grad_log_sigma, grad_mix_logits, grad_weight, grad_bias)``
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (registers the operators)
+from .reference import compute_dtype
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether this build of the extension has kernels for ``device_type`` ("cpu", "cuda")."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("uan::forward", device_type.upper())
+
+
+def _stat_like(input: Tensor, mu: Tensor) -> Tensor:
+    return mu.new_empty(mu.shape, dtype=compute_dtype(input.dtype))
+
+
+def _output_like(input: Tensor) -> Tensor:
+    # The kernels write the output in the input's layout when it is contiguous
+    # or channels-last dense, and contiguous otherwise.
+    if input.is_contiguous() or input.dim() < 4:
+        return torch.empty_like(input, memory_format=torch.contiguous_format)
+    fmt = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
+    if input.is_contiguous(memory_format=fmt):
+        return torch.empty_like(input, memory_format=fmt)
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("uan::forward")
+def _forward_fake(input, mu, log_sigma, mix_logits, weight, bias, eps):
+    return _output_like(input), _stat_like(input, mu), _stat_like(input, mu), _stat_like(input, mu)
+
+
+@torch.library.register_fake("uan::forward.stats")
+def _forward_stats_fake(input, mu, log_sigma, mix_logits, mean, var, weight, bias, eps):
+    return _output_like(input)
+
+
+@torch.library.register_fake("uan::backward")
+def _backward_fake(grad_output, input, mu, log_sigma, mix_logits, weight, mean, var, mass, eps, mixture_grads):
+    channels = input.shape[1]
+    return (
+        _output_like(input),
+        torch.empty_like(mu, memory_format=torch.contiguous_format),
+        torch.empty_like(log_sigma, memory_format=torch.contiguous_format),
+        torch.empty_like(mix_logits),
+        mu.new_empty((channels,)),
+        mu.new_empty((channels,)),
+    )
+
+
+def _grads(ctx, grad_output: Optional[Tensor], mass: Optional[Tensor]):
+    input, mu, log_sigma, mix_logits, weight, mean, var = ctx.saved_tensors[:7]
+    mixture_grads = any(ctx.needs_input_grad[1:4])
+    if grad_output is None:
+        grad_output = torch.zeros_like(input)
+    return torch.ops.uan.backward(
+        grad_output, input, mu, log_sigma, mix_logits, weight if ctx.has_weight else None, mean, var, mass,
+        ctx.eps, mixture_grads,
+    )
+
+
+def _setup_forward(ctx, inputs, output):
+    input, mu, log_sigma, mix_logits, weight, bias, eps = inputs
+    _, mean, var, mass = output
+    ctx.mark_non_differentiable(mean, var, mass)
+    ctx.has_weight = weight is not None
+    ctx.has_bias = bias is not None
+    ctx.eps = eps
+    ctx.save_for_backward(input, mu, log_sigma, mix_logits, weight, mean, var, mass)
+
+
+def _backward_forward(ctx, grad_output, grad_mean, grad_var, grad_mass):
+    mass = ctx.saved_tensors[7]
+    grad_input, grad_mu, grad_log_sigma, grad_mix, grad_weight, grad_bias = _grads(ctx, grad_output, mass)
+    return (
+        grad_input, grad_mu, grad_log_sigma, grad_mix,
+        grad_weight if ctx.has_weight else None, grad_bias if ctx.has_bias else None, None,
+    )
+
+
+def _setup_forward_stats(ctx, inputs, output):
+    input, mu, log_sigma, mix_logits, mean, var, weight, bias, eps = inputs
+    ctx.has_weight = weight is not None
+    ctx.has_bias = bias is not None
+    ctx.eps = eps
+    ctx.save_for_backward(input, mu, log_sigma, mix_logits, weight, mean, var)
+
+
+def _backward_forward_stats(ctx, grad_output):
+    grad_input, grad_mu, grad_log_sigma, grad_mix, grad_weight, grad_bias = _grads(ctx, grad_output, None)
+    # The given statistics are constants of the eval transform.
+    return (
+        grad_input, grad_mu, grad_log_sigma, grad_mix, None, None,
+        grad_weight if ctx.has_weight else None, grad_bias if ctx.has_bias else None, None,
+    )
+
+
+torch.library.register_autograd("uan::forward", _backward_forward, setup_context=_setup_forward)
+torch.library.register_autograd("uan::forward.stats", _backward_forward_stats, setup_context=_setup_forward_stats)
+
+
+def train_forward(input, mu, log_sigma, mix_logits, weight=None, bias=None, eps=1e-5):
+    """Training forward through ``torch.ops.uan.forward``: ``(out, mean, var, mass)``."""
+    return torch.ops.uan.forward(input, mu, log_sigma, mix_logits, weight, bias, eps)
+
+
+def eval_forward(input, mu, log_sigma, mix_logits, mean, var, weight=None, bias=None, eps=1e-5):
+    """Eval forward with given statistics through ``torch.ops.uan.forward.stats``."""
+    return torch.ops.uan.forward.stats(input, mu, log_sigma, mix_logits, mean, var, weight, bias, eps)

@@ -1,0 +1,130 @@
+"""Pure-PyTorch UAN: the readable definition every fused backend is tested against.
+
+Shapes follow SPEC: ``x`` is ``(N, C, *S)``; ``mu`` and ``log_sigma`` are
+``(K, C)``; ``mix_logits`` is ``(K,)``; statistics are ``(K, C)``. Equation
+numbers refer to the UAN paper (Faye et al.). Everything is differentiable with
+ordinary autograd, which makes this module the float64 oracle of the test suite.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+# Added to every division by a component's mass S_k (SPEC), so an empty
+# component yields zero statistics instead of NaN.
+MASS_EPS = 1e-12
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 computes in float64; every other floating dtype in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_component(t: Tensor, ndim: int) -> Tensor:
+    """View a ``(K, C)`` tensor so it broadcasts against ``(K, N, C, *S)``."""
+    return t.reshape(t.shape[0], 1, t.shape[1], *([1] * (ndim - 2)))
+
+
+def _per_prior(t: Tensor, ndim: int) -> Tensor:
+    """View a ``(K,)`` tensor so it broadcasts against ``(K, N, C, *S)``."""
+    return t.reshape(t.shape[0], *([1] * ndim))
+
+
+def _reduce_dims(ndim: int) -> Tuple[int, ...]:
+    """Dims of ``(K, N, C, *S)`` that a per-(k, c) statistic sums over."""
+    return (1,) + tuple(range(3, ndim + 1))
+
+
+def responsibilities(x: Tensor, mu: Tensor, log_sigma: Tensor, mix_logits: Tensor) -> Tensor:
+    """Soft assignments ``tau`` of shape ``(K, N, C, *S)`` (paper eq. 7).
+
+    ``logit_k = log(lam_k) - log(sigma_k) - (x - mu_k)^2 / (2 sigma_k^2)``,
+    ``tau = softmax_k(logit)``; the softmax subtracts the max, so elements far
+    from every component still get a valid distribution.
+    """
+    ndim = x.dim()
+    log_lam = torch.log_softmax(mix_logits, dim=0)
+    z = (x.unsqueeze(0) - _per_component(mu, ndim)) * torch.exp(-_per_component(log_sigma, ndim))
+    logits = _per_prior(log_lam, ndim) - _per_component(log_sigma, ndim) - 0.5 * z * z
+    return torch.softmax(logits, dim=0)
+
+
+def batch_statistics(x: Tensor, tau: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Responsibility-weighted mean, biased variance and mass per (k, c) (eq. 8).
+
+    The variance is the two-pass form ``sum tau (x - m)^2 / S``, accurate when
+    ``|mean| >> std``.
+    """
+    dims = _reduce_dims(x.dim())
+    mass = tau.sum(dims)
+    mean = (tau * x.unsqueeze(0)).sum(dims) / (mass + MASS_EPS)
+    centered = x.unsqueeze(0) - _per_component(mean, x.dim())
+    var = (tau * centered * centered).sum(dims) / (mass + MASS_EPS)
+    return mean, var, mass
+
+
+def mixture_transform(
+    x: Tensor, tau: Tensor, mean: Tensor, var: Tensor, mix_logits: Tensor, eps: float
+) -> Tensor:
+    """``y = sum_k tau_k / sqrt(lam_k) * (x - mean_k) / sqrt(var_k + eps)`` (eq. 9)."""
+    ndim = x.dim()
+    inv_sqrt_lam = torch.exp(-0.5 * torch.log_softmax(mix_logits, dim=0))
+    scale = _per_prior(inv_sqrt_lam, ndim) * torch.rsqrt(_per_component(var, ndim) + eps)
+    return (tau * scale * (x.unsqueeze(0) - _per_component(mean, ndim))).sum(0)
+
+
+def _affine(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    shape = (1, y.shape[1]) + (1,) * (y.dim() - 2)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+def _upcast(x: Tensor, *tensors: Optional[Tensor]):
+    dtype = compute_dtype(x.dtype)
+    return [None if t is None else t.to(dtype) for t in (x, *tensors)]
+
+
+def uan_train(
+    x: Tensor,
+    mu: Tensor,
+    log_sigma: Tensor,
+    mix_logits: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training forward with batch statistics.
+
+    Returns ``(out, mean, var, mass)``: ``out`` in ``x``'s dtype, the ``(K, C)``
+    statistics in the compute dtype (float32, or float64 for float64 input).
+    """
+    xc, mu, log_sigma, mix_logits, weight, bias = _upcast(x, mu, log_sigma, mix_logits, weight, bias)
+    tau = responsibilities(xc, mu, log_sigma, mix_logits)
+    mean, var, mass = batch_statistics(xc, tau)
+    y = mixture_transform(xc, tau, mean, var, mix_logits, eps)
+    return _affine(y, weight, bias).to(x.dtype), mean, var, mass
+
+
+def uan_eval(
+    x: Tensor,
+    mu: Tensor,
+    log_sigma: Tensor,
+    mix_logits: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Eval forward with given ``(K, C)`` statistics ``mean`` and ``var``."""
+    xc, mu, log_sigma, mix_logits, mean, var, weight, bias = _upcast(
+        x, mu, log_sigma, mix_logits, mean, var, weight, bias
+    )
+    tau = responsibilities(xc, mu, log_sigma, mix_logits)
+    y = mixture_transform(xc, tau, mean, var, mix_logits, eps)
+    return _affine(y, weight, bias).to(x.dtype)
