@@ -193,7 +193,13 @@ def uan(
     eps = float(eps)
 
     if training or (update == "weight" and running_mean is None):
-        out, mean, var, mass = impl.train(input, mu, log_sigma, mix_logits, weight, bias, eps)
+        if training and update == "moving_average":
+            # The update below rewrites the buffers in place; autograd must see
+            # the mixture this forward used.
+            mixture = (mu.clone(), log_sigma.clone(), mix_logits.clone())
+        else:
+            mixture = (mu, log_sigma, mix_logits)
+        out, mean, var, mass = impl.train(input, *mixture, weight, bias, eps)
         if training and update == "weight" and running_mean is not None:
             _ema_(running_mean, mean.detach(), momentum)
             _ema_(running_var, var.detach(), momentum)

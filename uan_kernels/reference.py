@@ -84,6 +84,16 @@ def _affine(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tens
     return y
 
 
+def _as_input(out: Tensor, x: Tensor) -> Tensor:
+    """``out`` in ``x``'s dtype and memory format (channels_last stays channels_last)."""
+    out = out.to(x.dtype)
+    if x.dim() in (4, 5) and not x.is_contiguous():
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=fmt):
+            return out.contiguous(memory_format=fmt)
+    return out.contiguous()
+
+
 def _upcast(x: Tensor, *tensors: Optional[Tensor]):
     dtype = compute_dtype(x.dtype)
     return [None if t is None else t.to(dtype) for t in (x, *tensors)]
@@ -107,7 +117,7 @@ def uan_train(
     tau = responsibilities(xc, mu, log_sigma, mix_logits)
     mean, var, mass = batch_statistics(xc, tau)
     y = mixture_transform(xc, tau, mean, var, mix_logits, eps)
-    return _affine(y, weight, bias).to(x.dtype), mean, var, mass
+    return _as_input(_affine(y, weight, bias), x), mean, var, mass
 
 
 def uan_eval(
@@ -127,4 +137,4 @@ def uan_eval(
     )
     tau = responsibilities(xc, mu, log_sigma, mix_logits)
     y = mixture_transform(xc, tau, mean, var, mix_logits, eps)
-    return _affine(y, weight, bias).to(x.dtype)
+    return _as_input(_affine(y, weight, bias), x)
