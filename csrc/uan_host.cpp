@@ -252,9 +252,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   at::Tensor grad_mu, grad_log_sigma, grad_mix_logits;
   if (mixture_grads) {
+    // Copies, not views: the outputs must not alias one another.
     const auto sums = param_sums.to(acc);
-    grad_mu = sums.narrow(0, 0, K).to(param_options.dtype());
-    grad_log_sigma = sums.narrow(0, K, K).to(param_options.dtype());
+    grad_mu = sums.narrow(0, 0, K).to(param_options.dtype(), false, true);
+    grad_log_sigma = sums.narrow(0, K, K).to(param_options.dtype(), false, true);
     const auto grad_log_lam = sums.narrow(0, 2 * K, K).sum(1) + plan.log_lam_direct;
     grad_mix_logits = mix_logits_gradient(mix_logits, grad_log_lam).to(param_options.dtype());
   } else {
@@ -263,11 +264,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     grad_mix_logits = at::zeros_like(mix_logits);
   }
   return {grad_input,
-          grad_mu.contiguous(),
-          grad_log_sigma.contiguous(),
+          grad_mu,
+          grad_log_sigma,
           grad_mix_logits,
           plan.grad_weight.to(param_options.dtype()),
-          reduced[2 * K].to(param_options.dtype())};
+          reduced[2 * K].to(param_options.dtype(), false, true)};
 }
 
 }  // namespace uan

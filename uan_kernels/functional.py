@@ -195,8 +195,10 @@ def uan(
     if training or (update == "weight" and running_mean is None):
         if training and update == "moving_average":
             # The update below rewrites the buffers in place; autograd must see
-            # the mixture this forward used.
-            mixture = (mu.clone(), log_sigma.clone(), mix_logits.clone())
+            # the mixture this forward used. An arithmetic copy, not clone():
+            # torch.compile drops a clone of an input it later mutates and would
+            # hand the backward the updated buffers.
+            mixture = tuple(t + 0 for t in (mu, log_sigma, mix_logits))
         else:
             mixture = (mu, log_sigma, mix_logits)
         out, mean, var, mass = impl.train(input, *mixture, weight, bias, eps)

@@ -19,9 +19,16 @@ from . import _C  # noqa: F401  (registers the operators)
 from .reference import compute_dtype
 
 
+# Looked up once: a plain dict is also what torch.compile can trace through.
+_KERNEL_DEVICES = {
+    device: torch._C._dispatch_has_kernel_for_dispatch_key("uan::forward", device.upper())
+    for device in ("cpu", "cuda")
+}
+
+
 def has_kernel(device_type: str) -> bool:
     """Whether this build of the extension has kernels for ``device_type`` ("cpu", "cuda")."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("uan::forward", device_type.upper())
+    return _KERNEL_DEVICES.get(device_type, False)
 
 
 def _stat_like(input: Tensor, mu: Tensor) -> Tensor:

@@ -1,0 +1,38 @@
+# Two commands on a fresh machine (Python 3.10+ and pip):
+#   make run    create .venv, install the pinned packages, build the extension, run the main job
+#   make test   the same set-up, then the test suite
+# PYTHON picks the interpreter that creates the venv; PYTEST_ARGS adds pytest options.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+# torch is pinned to the CPU build on CPU machines; pass TORCH_SPEC= to keep a torch already in the venv.
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.7.1
+STAMP := $(VENV)/.uan-installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
+
+.PHONY: install run test bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.deps: | $(BIN)/python
+	$(BIN)/pip install $(TORCH_SPEC)
+	$(BIN)/pip install $(TRITON_SPEC) ninja pybind11 numpy matplotlib pytest pytest-benchmark
+	touch $@
+
+$(STAMP): $(VENV)/.deps $(SOURCES)
+	$(BIN)/pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/python -m uan_kernels.demo
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)

@@ -1,0 +1,110 @@
+"""torch.ops.uan registration: opcheck on every schema, torch.compile, and argument checks."""
+import pytest
+import torch
+from torch import nn
+
+import uan_kernels
+from conftest import make_input, make_mixture
+from uan_kernels import ops
+
+
+def op_args(dtype=torch.float64, requires_grad=False, shape=(3, 4, 5, 2), channels_last=False):
+    x = make_input(shape, dtype=dtype, channels_last=channels_last)
+    params = make_mixture(shape[1], 3, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    if requires_grad:
+        x.requires_grad_()
+        for p in params:
+            p.requires_grad_()
+    return x, params
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_opcheck_forward(requires_grad, dtype):
+    x, (mu, log_sigma, mix_logits, weight, bias) = op_args(dtype, requires_grad)
+    torch.library.opcheck(torch.ops.uan.forward.default, (x, mu, log_sigma, mix_logits, weight, bias, 1e-5))
+    torch.library.opcheck(torch.ops.uan.forward.default, (x, mu, log_sigma, mix_logits, None, None, 1e-5))
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck_forward_stats(requires_grad, channels_last):
+    x, (mu, log_sigma, mix_logits, weight, bias) = op_args(requires_grad=requires_grad, channels_last=channels_last)
+    mean, var = torch.randn(3, 4, dtype=torch.float64), torch.rand(3, 4, dtype=torch.float64) + 0.5
+    torch.library.opcheck(torch.ops.uan.forward.stats,
+                          (x, mu, log_sigma, mix_logits, mean, var, weight, bias, 1e-5))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("mixture_grads", [True, False])
+def test_opcheck_backward(training, mixture_grads):
+    x, (mu, log_sigma, mix_logits, weight, _) = op_args()
+    _, mean, var, mass = ops.train_forward(x, mu, log_sigma, mix_logits, weight)
+    grad = torch.randn_like(x)
+    torch.library.opcheck(
+        torch.ops.uan.backward.default,
+        (grad, x, mu, log_sigma, mix_logits, weight, mean, var, mass if training else None, 1e-5, mixture_grads),
+    )
+
+
+def test_opcheck_empty_batch():
+    x, (mu, log_sigma, mix_logits, weight, bias) = op_args(shape=(0, 4, 3))
+    torch.library.opcheck(torch.ops.uan.forward.default, (x, mu, log_sigma, mix_logits, weight, bias, 1e-5))
+
+
+def test_backward_skips_mixture_sums_when_not_needed():
+    x, (mu, log_sigma, mix_logits, weight, _) = op_args()
+    _, mean, var, mass = ops.train_forward(x, mu, log_sigma, mix_logits, weight)
+    grads = torch.ops.uan.backward(torch.ones_like(x), x, mu, log_sigma, mix_logits, weight, mean, var, mass,
+                                   1e-5, False)
+    assert all(torch.count_nonzero(g) == 0 for g in grads[1:4])
+    full = torch.ops.uan.backward(torch.ones_like(x), x, mu, log_sigma, mix_logits, weight, mean, var, mass,
+                                  1e-5, True)
+    torch.testing.assert_close(grads[0], full[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("update", ["weight", "moving_average"])
+def test_compile_fullgraph_small_cnn(update):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), uan_kernels.UAN(8, 3, update=update, backend="cpp"),
+                          nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    twin = nn.Sequential(*[m for m in model])  # same modules, eager
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 8, 8)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    after_compiled = {k: v.clone() for k, v in model.state_dict().items()}
+    model.zero_grad()
+    model.load_state_dict(state)
+    eager = twin(x)
+    eager.sum().backward()
+    torch.testing.assert_close(out, eager)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(after_compiled[k], v)
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda a: a.update(x=a["x"].int()), "input must be float16"),
+        (lambda a: a.update(x=a["x"][:, :3]), "channels"),
+        (lambda a: a.update(mu=a["mu"].float()), "dtype"),
+        (lambda a: a.update(log_sigma=a["log_sigma"][:2]), "log_sigma must have shape"),
+        (lambda a: a.update(mix_logits=a["mix_logits"][:2]), "mix_logits must have shape"),
+        (lambda a: a.update(weight=a["weight"][:2]), "weight must have shape"),
+        (lambda a: a.update(eps=float("nan")), "eps must be finite"),
+        (lambda a: a.update(eps=0.0), "eps must be finite"),
+        (lambda a: a.update(x=a["x"][0, 0, 0]), "at least 2 dims"),
+        (lambda a: a.update(mu=torch.zeros(17, 4, dtype=torch.float64)), "1 to 16 components"),
+    ],
+)
+def test_operator_rejects_bad_arguments(mutate, message):
+    x, (mu, log_sigma, mix_logits, weight, bias) = op_args()
+    args = dict(x=x, mu=mu, log_sigma=log_sigma, mix_logits=mix_logits, weight=weight, bias=bias, eps=1e-5)
+    mutate(args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.uan.forward(*args.values())
