@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (Python 3.10+ and pip):
-#   make run    create .venv, install the pinned packages, build the extension, run the main job
+#   make run    create .venv, install the pinned packages, build the extension, print the benchmark table
 #   make test   the same set-up, then the test suite
+# Also: make demo (train a small CNN with each normalisation), make bench (pytest-benchmark suites).
 # PYTHON picks the interpreter that creates the venv; PYTEST_ARGS adds pytest options.
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +13,7 @@ TRITON_SPEC ?= triton==3.7.1
 STAMP := $(VENV)/.uan-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 
-.PHONY: install run test bench
+.PHONY: install run demo test bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ $(STAMP): $(VENV)/.deps $(SOURCES)
 install: $(STAMP)
 
 run: install
+	$(BIN)/python -m uan_kernels.bench
+
+demo: install
 	$(BIN)/python -m uan_kernels.demo
 
 test: install

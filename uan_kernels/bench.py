@@ -1,0 +1,342 @@
+"""The benchmark table: every normalisation on this machine's device, in one run.
+
+``python -m uan_kernels.bench`` (or the ``uan-bench`` console script) measures
+the device's copy bandwidth, then for each implementation and pass (training
+forward, forward+backward, eval) the median time, the bandwidth achieved on
+the bytes the pass must move, its share of the copy bandwidth, the ratio to
+BatchNorm2d and the speed-up over the reference under ``torch.compile``, plus
+the bytes saved for backward and (on GPU) the peak memory. MixtureNorm's EM
+is timed on its own line. Results go to ``benchmarks/results/<device>/`` as
+JSON and a PNG plot. The pytest-benchmark suites in ``benchmarks/`` build their
+cases with the same :func:`make_module`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from . import MixtureNorm, UAN, available_backends
+
+# Passes over the tensor each pass must make (DESIGN.md): the training forward
+# reads x twice and writes y; the backward reads x and dy twice and writes dx;
+# eval reads x once and writes y.
+PASSES = {"forward": 3, "forward+backward": 8, "eval": 2}
+IMPLEMENTATIONS = (
+    "batchnorm2d",
+    "uan_cpp",
+    "uan_triton",
+    "uan_reference",
+    "uan_reference_compiled",
+    "mixturenorm_em1",
+    "mixturenorm_em10",
+)
+# Shapes: the paper's Shallow-CNN UAN input and a DenseNet-like one on GPU;
+# scaled-down versions on CPU, where the eager reference is very slow.
+SHAPES = {
+    "cuda": {"shallow_cnn": (256, 128, 36, 36), "densenet": (64, 256, 16, 16)},
+    "cpu": {"shallow_cnn_small": (32, 64, 32, 32), "densenet_small": (16, 128, 16, 16)},
+}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` in seconds, synchronising the device around each call."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 256 * 2**20) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    seconds = median_time(lambda: dst.copy_(src), device, repeats=10)
+    return 2 * nbytes / seconds
+
+
+def make_module(name: str, channels: int, components: int, device, dtype=torch.float32) -> nn.Module:
+    """The normalisation layer ``name`` of the benchmark, in training mode.
+
+    Parameters stay float32 for float16/bfloat16 input, as in mixed precision.
+    """
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    kwargs = {"device": device, "dtype": param_dtype}
+    if name == "batchnorm2d":
+        return nn.BatchNorm2d(channels, **kwargs)
+    if name.startswith("uan_"):
+        backend = name[len("uan_"):].replace("_compiled", "")
+        module = UAN(channels, components, backend=backend, **kwargs)
+        return torch.compile(module) if name.endswith("_compiled") else module
+    if name.startswith("mixturenorm_em"):
+        return MixtureNorm(channels, components, em_every=int(name[len("mixturenorm_em"):]), **kwargs)
+    raise ValueError(f"unknown implementation {name!r}; expected one of {IMPLEMENTATIONS}")
+
+
+def runnable(name: str, device: torch.device) -> Optional[str]:
+    """None when ``name`` can be benchmarked on ``device``, else why not."""
+    if name == "uan_cpp" and "cpp" not in available_backends(device):
+        return "no compiled kernel for this device"
+    if name == "uan_triton" and (device.type != "cuda" or "triton" not in available_backends(device)):
+        return "Triton runs compiled kernels on GPUs only (the CPU interpreter is for testing)"
+    return None
+
+
+def pass_function(module: nn.Module, pass_name: str, x: torch.Tensor, grad_out: torch.Tensor):
+    """A zero-argument callable that runs one pass of ``module`` on ``x``."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+
+    def forward():
+        module.train()
+        with torch.no_grad():
+            return module(x)
+
+    def forward_backward():
+        module.train()
+        out = module(x)
+        return torch.autograd.grad(out, [x, *trainable], grad_out)
+
+    def evaluate():
+        module.eval()
+        with torch.no_grad():
+            return module(x)
+
+    return {"forward": forward, "forward+backward": forward_backward, "eval": evaluate}[pass_name]
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of distinct storages autograd saves for backward in one training forward."""
+    storages: Dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    module.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(storages.values())
+
+
+@dataclass
+class Row:
+    implementation: str
+    shape: List[int]
+    dtype: str
+    components: int
+    pass_name: str
+    median_ms: float
+    gb_per_s: float
+    copy_fraction: float
+    vs_batchnorm: Optional[float] = None
+    speedup_vs_compiled_reference: Optional[float] = None
+    saved_for_backward_mb: Optional[float] = None
+    peak_memory_mb: Optional[float] = None
+
+
+@dataclass
+class Report:
+    device: str
+    device_type: str
+    torch: str
+    triton: Optional[str]
+    date: str
+    copy_bandwidth_gb_per_s: float
+    rows: List[Row] = field(default_factory=list)
+    em_fit_ms: Dict[str, float] = field(default_factory=dict)
+    skipped: Dict[str, str] = field(default_factory=dict)
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def measure(
+    device: torch.device,
+    shapes: Dict[str, tuple],
+    dtypes: List[torch.dtype],
+    components: int,
+    implementations: List[str],
+    repeats: int,
+) -> Report:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    bandwidth = copy_bandwidth(device)
+    report = Report(
+        device=device_name(device),
+        device_type=device.type,
+        torch=torch.__version__,
+        triton=triton_version,
+        date=datetime.date.today().isoformat(),
+        copy_bandwidth_gb_per_s=bandwidth / 1e9,
+    )
+    progress(f"copy bandwidth on {report.device}: {report.copy_bandwidth_gb_per_s:.1f} GB/s")
+    for name in implementations:
+        why = runnable(name, device)
+        if why:
+            report.skipped[name] = why
+    todo = [n for n in implementations if n not in report.skipped]
+    for shape_name, shape in shapes.items():
+        for dtype in dtypes:
+            g = torch.Generator(device=device).manual_seed(0)
+            x = torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_()
+            grad_out = torch.randn(shape, device=device, dtype=dtype, generator=g)
+            tensor_bytes = x.numel() * x.element_size()
+            for name in todo:
+                module = make_module(name, shape[1], components, device, dtype)
+                slow = name == "uan_reference" or name.startswith("mixturenorm")
+                for pass_name in PASSES:
+                    progress(f"[{shape_name} {str(dtype)[6:]}] {name} {pass_name} ...")
+                    seconds = median_time(pass_function(module, pass_name, x, grad_out), device,
+                                          repeats=max(3, repeats // 4) if slow else repeats)
+                    moved = PASSES[pass_name] * tensor_bytes
+                    row = Row(name, list(shape), str(dtype)[6:], components, pass_name, seconds * 1e3,
+                              moved / seconds / 1e9, moved / seconds / bandwidth)
+                    if pass_name == "forward+backward":
+                        row.saved_for_backward_mb = saved_bytes(module, x) / 2**20
+                        if device.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats(device)
+                            base = torch.cuda.memory_allocated(device)
+                            pass_function(module, pass_name, x, grad_out)()
+                            row.peak_memory_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+                    report.rows.append(row)
+                case = f"{shape_name} {str(dtype)[6:]}"
+                if name.startswith("mixturenorm") and case not in report.em_fit_ms:
+                    report.em_fit_ms[case] = 1e3 * median_time(
+                        lambda: module.fit_mixture(x.detach()), device, repeats=max(3, repeats // 4))
+    _fill_ratios(report.rows)
+    return report
+
+
+def _fill_ratios(rows: List[Row]) -> None:
+    def key(r):
+        return (tuple(r.shape), r.dtype, r.pass_name)
+
+    batchnorm = {key(r): r.median_ms for r in rows if r.implementation == "batchnorm2d"}
+    compiled = {key(r): r.median_ms for r in rows if r.implementation == "uan_reference_compiled"}
+    for r in rows:
+        if key(r) in batchnorm:
+            r.vs_batchnorm = r.median_ms / batchnorm[key(r)]
+        if key(r) in compiled:
+            r.speedup_vs_compiled_reference = compiled[key(r)] / r.median_ms
+
+
+def format_table(report: Report) -> str:
+    """The report as a markdown table (one row per implementation, shape, dtype and pass)."""
+    lines = [
+        f"Device: {report.device} ({report.device_type}); torch {report.torch}; triton {report.triton}; "
+        f"{report.date}; copy bandwidth {report.copy_bandwidth_gb_per_s:.1f} GB/s; K = "
+        f"{report.rows[0].components if report.rows else '-'}",
+        "",
+        "| shape | dtype | pass | implementation | median ms | GB/s | % copy BW | × BatchNorm2d "
+        "| speed-up vs compiled ref | saved for bwd MB | peak MB |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    for r in report.rows:
+        lines.append(
+            f"| {tuple(r.shape)} | {r.dtype} | {r.pass_name} | {r.implementation} | {r.median_ms:.3f} "
+            f"| {r.gb_per_s:.1f} | {100 * r.copy_fraction:.1f} | {fmt(r.vs_batchnorm, '.2f')} "
+            f"| {fmt(r.speedup_vs_compiled_reference, '.2f')} | {fmt(r.saved_for_backward_mb, '.1f')} "
+            f"| {fmt(r.peak_memory_mb, '.1f')} |"
+        )
+    for where, ms in report.em_fit_ms.items():
+        lines.append(f"\nMixtureNorm EM fit alone ({where}): {ms:.2f} ms per fit (the cost UAN avoids).")
+    for name, why in report.skipped.items():
+        lines.append(f"\nNot measured: {name}: {why}.")
+    return "\n".join(lines)
+
+
+def plot(report: Report, path: str) -> None:
+    """Bar chart of achieved GB/s per implementation, one panel per pass, copy bandwidth as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({(tuple(r.shape), r.dtype) for r in report.rows})
+    fig, axes = plt.subplots(1, len(PASSES), figsize=(6 * len(PASSES), 4.5), squeeze=False)
+    for ax, pass_name in zip(axes[0], PASSES):
+        rows = [r for r in report.rows if r.pass_name == pass_name]
+        names = list(dict.fromkeys(r.implementation for r in rows))
+        width = 0.8 / max(1, len(shapes))
+        for i, (shape, dtype) in enumerate(shapes):
+            values = [next((r.gb_per_s for r in rows if r.implementation == n and tuple(r.shape) == shape
+                            and r.dtype == dtype), 0.0) for n in names]
+            ax.bar([j + i * width for j in range(len(names))], values, width, label=f"{shape} {dtype}")
+        ax.axhline(report.copy_bandwidth_gb_per_s, color="black", linestyle="--", label="copy bandwidth")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))])
+        ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("GB/s on counted bytes")
+        ax.set_title(pass_name)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"UAN and baselines on {report.device} ({report.date})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="UAN benchmark table on this machine's device.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--components", type=int, default=3)
+    parser.add_argument("--dtypes", nargs="+", default=None, help="default: float32 (+ bfloat16 on GPU)")
+    parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/<device type>")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtypes = args.dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
+    repeats = args.repeats or (50 if device.type == "cuda" else 8)
+    report = measure(device, SHAPES[device.type], [getattr(torch, d) for d in dtypes], args.components,
+                     args.implementations, repeats)
+    out_dir = args.out or os.path.join("benchmarks", "results", device.type)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "table.json"), "w") as f:
+        json.dump(asdict(report), f, indent=2)
+    table = format_table(report)
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(table + "\n")
+    plot(report, os.path.join(out_dir, "table.png"))
+    print(table)
+    print(f"\nwritten: {out_dir}/table.json, table.md, table.png")
+
+
+if __name__ == "__main__":
+    main()
