@@ -52,12 +52,21 @@ inline void store(scalar_t* p, const Vectorized<acc_t>& v, int64_t count) {
 }
 
 // A unit of work: one channel (channel-major input: SIMD lanes run along the
-// channel's elements) or a block of up to V channels (channels-inner input:
-// lane j holds channel first + j).
+// channel's elements), or, for channels-inner input, a block of up to V
+// channels (lane j holds channel first + j) over one chunk of rows. Chunking
+// the rows keeps a chunk's lines in cache while its channel blocks are
+// visited in turn; each chunk's sums go to their own slot and the slots are
+// added in chunk order, so results do not depend on the thread count.
 struct Unit {
   int64_t first;
   int64_t channels;
+  int64_t chunk;
+  int64_t row_begin;
+  int64_t row_end;
 };
+
+// Rows (one element of every channel) per chunk of channels-inner input.
+constexpr int64_t kRowsPerChunk = 2048;
 
 template <typename acc_t>
 class Walker {
@@ -65,15 +74,24 @@ class Walker {
   using Vec = Vectorized<acc_t>;
   static constexpr int64_t V = Vec::size();
 
-  explicit Walker(const ChannelView& view) : view_(view), inner_(view.channels_inner()) {}
+  explicit Walker(const ChannelView& view)
+      : view_(view),
+        inner_(view.channels_inner()),
+        rows_(view.N * view.L),
+        blocks_(inner_ ? (view.C + V - 1) / V : view.C),
+        chunks_(inner_ ? std::max<int64_t>(1, (rows_ + kRowsPerChunk - 1) / kRowsPerChunk) : 1) {}
 
-  int64_t num_units() const { return inner_ ? (view_.C + V - 1) / V : view_.C; }
+  int64_t num_units() const { return blocks_ * chunks_; }
+  int64_t num_chunks() const { return chunks_; }
 
   Unit unit(int64_t u) const {
     if (!inner_) {
-      return {u, 1};
+      return {u, 1, 0, 0, rows_};
     }
-    return {u * V, std::min<int64_t>(V, view_.C - u * V)};
+    const int64_t chunk = u / blocks_;
+    const int64_t first = (u % blocks_) * V;
+    return {first, std::min<int64_t>(V, view_.C - first), chunk, chunk * kRowsPerChunk,
+            std::min<int64_t>(rows_, (chunk + 1) * kRowsPerChunk)};
   }
 
   // Row `row` of a (rows, K, C) table as K vectors: broadcast or per lane.
@@ -102,9 +120,13 @@ class Walker {
       }
     };
     if (inner_) {
-      for (int64_t n = 0; n < view_.N; ++n) {
-        for (int64_t l = 0; l < view_.L; ++l) {
-          visit(n * view_.stride_n + l * view_.stride_l + unit.first, unit.channels);
+      int64_t n = unit.row_begin / view_.L;
+      int64_t l = unit.row_begin % view_.L;
+      for (int64_t r = unit.row_begin; r < unit.row_end; ++r) {
+        visit(n * view_.stride_n + l * view_.stride_l + unit.first, unit.channels);
+        if (++l == view_.L) {
+          l = 0;
+          ++n;
         }
       }
     } else {
@@ -124,6 +146,36 @@ class Walker {
  private:
   ChannelView view_;
   bool inner_;
+  int64_t rows_;
+  int64_t blocks_;
+  int64_t chunks_;
+};
+
+// Per-chunk slots of (Q, C) float64 sums, added into the pass's output in
+// chunk order once every unit is done.
+class ChunkSums {
+ public:
+  ChunkSums(int64_t chunks, at::Tensor& sums) : sums_(sums) {
+    slots_ = chunks == 1 ? sums : at::zeros({chunks, sums.size(0), sums.size(1)}, sums.options());
+  }
+  double* slot(int64_t chunk) { return slots_.mutable_data_ptr<double>() + chunk * sums_.numel(); }
+  void finish() {
+    if (slots_.dim() == 2) {
+      return;
+    }
+    double* out = sums_.mutable_data_ptr<double>();
+    const double* in = slots_.const_data_ptr<double>();
+    const int64_t size = sums_.numel();
+    for (int64_t chunk = 0; chunk < slots_.size(0); ++chunk) {
+      for (int64_t i = 0; i < size; ++i) {
+        out[i] += in[chunk * size + i];
+      }
+    }
+  }
+
+ private:
+  at::Tensor& sums_;
+  at::Tensor slots_;
 };
 
 // Per-lane sums of Q quantities: partials in acc_t, totals in float64.
@@ -202,7 +254,7 @@ void statistics_pass(const at::Tensor& x, const ChannelView& view, const at::Ten
     const Walker<acc_t> walker(view);
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     const acc_t* consts = table.const_data_ptr<acc_t>();
-    double* out = sums.mutable_data_ptr<double>();
+    ChunkSums chunk_sums(walker.num_chunks(), sums);
     acc_t* pivot_data = pivot.mutable_data_ptr<acc_t>();
     if (view.N == 0 || view.L == 0) {
       return;
@@ -218,7 +270,9 @@ void statistics_pass(const at::Tensor& x, const ChannelView& view, const at::Ten
       const int64_t first = unit.first * view.stride_c;
       const Vec p = walker.channels_inner() ? load<scalar_t, acc_t>(x_data + first, unit.channels)
                                             : Vec(static_cast<acc_t>(x_data[first]));
-      p.store(pivot_data + unit.first, unit.channels);
+      if (unit.chunk == 0) {
+        p.store(pivot_data + unit.first, unit.channels);
+      }
       LaneSums<acc_t> acc(3 * K);
       walker.for_each_span(
           unit,
@@ -235,8 +289,9 @@ void statistics_pass(const at::Tensor& x, const ChannelView& view, const at::Ten
             }
           },
           [&] { acc.flush(); });
-      acc.write(walker, unit, out);
+      acc.write(walker, unit, chunk_sums.slot(unit.chunk));
     });
+    chunk_sums.finish();
   });
 }
 
@@ -284,7 +339,7 @@ void backward_reduce_pass(const at::Tensor& grad_out, const at::Tensor& x, const
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     const scalar_t* g_data = grad_out.const_data_ptr<scalar_t>();
     const acc_t* consts = table.const_data_ptr<acc_t>();
-    double* out = sums.mutable_data_ptr<double>();
+    ChunkSums chunk_sums(walker.num_chunks(), sums);
     for_units(walker.num_units(), [&](int64_t u) {
       const Unit unit = walker.unit(u);
       Vec mu[kMaxComponents], inv_sigma[kMaxComponents], log_prior[kMaxComponents], center[kMaxComponents],
@@ -308,8 +363,9 @@ void backward_reduce_pass(const at::Tensor& grad_out, const at::Tensor& x, const
             acc.partial[2 * K] = acc.partial[2 * K] + dout;
           },
           [&] { acc.flush(); });
-      acc.write(walker, unit, out);
+      acc.write(walker, unit, chunk_sums.slot(unit.chunk));
     });
+    chunk_sums.finish();
   });
 }
 
@@ -325,7 +381,7 @@ void backward_elementwise_pass(const at::Tensor& grad_out, const at::Tensor& x, 
     const scalar_t* g_data = grad_out.const_data_ptr<scalar_t>();
     scalar_t* dx_data = grad_input.mutable_data_ptr<scalar_t>();
     const acc_t* consts = table.const_data_ptr<acc_t>();
-    double* out = sums.mutable_data_ptr<double>();
+    ChunkSums chunk_sums(walker.num_chunks(), sums);
     for_units(walker.num_units(), [&](int64_t u) {
       const Unit unit = walker.unit(u);
       Vec c[kBackwardRows][kMaxComponents], tau[kMaxComponents], U[kMaxComponents], w[kMaxComponents];
@@ -355,8 +411,9 @@ void backward_elementwise_pass(const at::Tensor& grad_out, const at::Tensor& x, 
             }
           },
           [&] { acc.flush(); });
-      acc.write(walker, unit, out);
+      acc.write(walker, unit, chunk_sums.slot(unit.chunk));
     });
+    chunk_sums.finish();
   });
 }
 
