@@ -22,7 +22,15 @@ constexpr int kMaxComponents = 16;
 // Added to every division by a component's mass (SPEC).
 constexpr double kMassEps = 1e-12;
 
-C10_HOST_DEVICE inline float value_exp(float v) { return ::expf(v); }
+C10_HOST_DEVICE inline float value_exp(float v) {
+#if defined(__CUDA_ARCH__)
+  // Hardware exp2 (a few ulp): the arguments are logit - max <= 0 and tau is
+  // a ratio of these, so the accurate expf's extra instructions buy nothing.
+  return __expf(v);
+#else
+  return ::expf(v);
+#endif
+}
 C10_HOST_DEVICE inline double value_exp(double v) { return ::exp(v); }
 C10_HOST_DEVICE inline float value_max(float a, float b) { return a > b ? a : b; }
 C10_HOST_DEVICE inline double value_max(double a, double b) { return a > b ? a : b; }

@@ -2,14 +2,16 @@
 //
 // Every pass walks x seen as (N, C, L) in "units": a tile of channels times a
 // slice of each channel's N*L elements. A block owns one unit at a time
-// (grid-stride over units), keeps the tile's per-(k, c) constants in
+// (grid-stride over units), keeps its channel's per-(k, c) constants in
 // registers and, for the reduction passes, writes one float64 partial per
 // (quantity, channel, slice). A second kernel sums each (quantity, channel)'s
 // slices in a fixed order, so results are bitwise reproducible (no atomics).
+// Threads sum at most kMaxElementsPerThread elements per unit in the
+// accumulation type before their sums go to float64.
 //
 // Block shapes, both 256 threads:
 //  * channel-major (contiguous, stride_l = 1): 1 x 256, one channel per unit;
-//    threads walk the channel's rows with 16-byte loads when L and the
+//    threads walk the channel's rows with 16-byte accesses when L and the
 //    pointers allow it, else with 16 bytes' worth of scalar loads.
 //  * channels-inner (channels_last or (N, C), stride_c = 1): TC x (256 / TC)
 //    with TC = min(32, C rounded up to a power of 2); thread x owns one
@@ -64,6 +66,7 @@ struct PassArgs {
   double* partials;          // (Q, C, slices) per-unit sums
   int64_t N, C, L, stride_n, stride_c, stride_l;
   int64_t slices, chunk;     // each channel's N*L elements in `slices` ranges of `chunk`
+  bool vector;               // channel-major with 16-byte aligned rows: 16-byte accesses
   bool accumulate;           // whether this launch writes partials
 };
 
@@ -218,140 +221,203 @@ struct alignas(sizeof(T) * N) Packed {
   T v[N];
 };
 
-// VEC consecutive elements; VEC > 1 only where the address is 16-byte aligned.
-template <int VEC, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_vec(const scalar_t* p, acc_t (&out)[VEC]) {
-  const Packed<scalar_t, VEC> packed = *reinterpret_cast<const Packed<scalar_t, VEC>*>(p);
+// E consecutive elements in one 16-byte access (p is 16-byte aligned).
+template <int E, typename scalar_t>
+__device__ __forceinline__ Packed<scalar_t, E> load_packed(const scalar_t* p) {
+  return *reinterpret_cast<const Packed<scalar_t, E>*>(p);
+}
+
+template <int E, typename scalar_t>
+__device__ __forceinline__ void store_packed(const scalar_t (*column)[kThreads], int tid, scalar_t* p) {
+  Packed<scalar_t, E> packed;
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) {
-    out[v] = static_cast<acc_t>(packed.v[v]);
+  for (int v = 0; v < E; ++v) {
+    packed.v[v] = column[v][tid];
+  }
+  *reinterpret_cast<Packed<scalar_t, E>*>(p) = packed;
+}
+
+template <int E, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void stage(const Packed<scalar_t, E>& values, acc_t (*column)[kThreads], int tid) {
+#pragma unroll
+  for (int v = 0; v < E; ++v) {
+    column[v][tid] = static_cast<acc_t>(values.v[v]);
   }
 }
 
-template <int VEC, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void store_vec(scalar_t* p, const acc_t (&in)[VEC]) {
-  Packed<scalar_t, VEC> packed;
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) {
-    packed.v[v] = static_cast<scalar_t>(in[v]);
-  }
-  *reinterpret_cast<Packed<scalar_t, VEC>*>(p) = packed;
-}
+// Each thread's partials, kReduceChunk quantities at a time.
+__shared__ double reduce_scratch[kReduceChunk][kThreads];
 
-// Sums each quantity over the threads of the block that share a channel
-// (same threadIdx.x) and writes partials[(q, c, slice)]. The order is fixed:
-// a shuffle tree inside each warp, then the warps in index order.
-template <int Q, typename scalar_t, typename acc_t>
-__device__ void write_unit_partials(const acc_t (&partial)[Q], const PassArgs<scalar_t>& a, int64_t c,
-                                    int64_t slice) {
-  __shared__ double scratch[kReduceChunk][kThreads];
+// Sums reduce_scratch[i][y * TC + x] over the TR rows y for each quantity
+// q0 + i < q0 + count and channel first_channel + x, and writes the sums to
+// partials[(q, c, slice)]. Fixed order: `width` lanes stride over y, then a
+// shuffle tree. Not inlined: one copy serves every chunk of every pass.
+__device__ __noinline__ void reduce_chunk(int q0, int count, int64_t first_channel, int64_t C, int64_t slices,
+                                          int64_t slice, double* partials) {
+  __syncthreads();
   const int tc = blockDim.x;
+  const int tr = blockDim.y;
   const int tid = threadIdx.y * tc + threadIdx.x;
   const int lane = tid % kWarp;
-  const int warp = tid / kWarp;
-  const int warps = tc * blockDim.y / kWarp;
-  // Fully unrolled so that partial[] is indexed by constants and stays in registers.
+  const int width = tr < kWarp ? tr : kWarp;
+  const int pairs = count * tc;
+  const int per_pass = (kThreads / kWarp) * (kWarp / width);
+  for (int p0 = 0; p0 < pairs; p0 += per_pass) {
+    const int p = p0 + (tid / kWarp) * (kWarp / width) + lane / width;
+    const int i = p / tc;
+    const int x = p % tc;
+    double v = 0.0;
+    if (p < pairs) {
+      for (int y = lane % width; y < tr; y += width) {
+        v += reduce_scratch[i][y * tc + x];
+      }
+    }
+    for (int offset = width / 2; offset > 0; offset /= 2) {
+      v += __shfl_xor_sync(kFullMask, v, offset);
+    }
+    if (p < pairs && lane % width == 0 && first_channel + x < C) {
+      partials[((q0 + i) * C + first_channel + x) * slices + slice] = v;
+    }
+  }
+  __syncthreads();
+}
+
+// Writes the block's sums of each thread's partials for the unit's channels.
+template <int Q, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void write_unit_partials(const acc_t (&partial)[Q], const PassArgs<scalar_t>& a,
+                                                    int64_t first_channel, int64_t slice, int tid) {
+  // Unrolled so that partial[] is indexed by constants and stays in registers.
 #pragma unroll
   for (int q0 = 0; q0 < Q; q0 += kReduceChunk) {
 #pragma unroll
-    for (int i = 0; i < kReduceChunk; ++i) {
-      if (q0 + i < Q) {
-        double v = static_cast<double>(partial[q0 + i]);
-        // Lanes tc apart hold the same channel (tc is a power of 2 up to 32).
-        for (int offset = kWarp / 2; offset >= tc; offset /= 2) {
-          v += __shfl_xor_sync(kFullMask, v, offset);
-        }
-        if (lane < tc) {
-          scratch[i][warp * tc + lane] = v;
-        }
-      }
+    for (int i = 0; i < kReduceChunk && q0 + i < Q; ++i) {
+      reduce_scratch[i][tid] = static_cast<double>(partial[q0 + i]);
     }
-    __syncthreads();
-    if (tid < tc && c < a.C) {
-#pragma unroll
-      for (int i = 0; i < kReduceChunk; ++i) {
-        if (q0 + i < Q) {
-          double total = 0.0;
-          for (int w = 0; w < warps; ++w) {
-            total += scratch[i][w * tc + tid];
-          }
-          a.partials[((q0 + i) * a.C + c) * a.slices + slice] = total;
-        }
-      }
-    }
-    __syncthreads();
+    reduce_chunk(q0, Q - q0 < kReduceChunk ? Q - q0 : kReduceChunk, first_channel, a.C, a.slices, slice,
+                 a.partials);
   }
 }
 
 // ---- The kernels. ----------------------------------------------------------
 
-// One pass over x. Thread (x, y) of the block handles channel tile * TC + x;
-// within a slice it visits items of VEC consecutive elements, TR items apart,
-// ITEMS of them per iteration (loads first, then the math).
-template <class Op, int VEC, int ITEMS>
+// A thread's position in its channel: element index e among the channel's
+// N*L, its l, and its memory offset.
+struct Cursor {
+  int64_t e, l, offset;
+};
+
+// Moving a cursor one item (TR * vec elements) on: step_l along l, plus a
+// wrap to the next n when l passes L.
+struct Walk {
+  int64_t step, step_l, step_offset, wrap_offset, L;
+
+  __device__ __forceinline__ void advance(Cursor& cur) const {
+    cur.e += step;
+    cur.l += step_l;
+    cur.offset += step_offset;
+    if (cur.l >= L) {
+      cur.l -= L;
+      cur.offset += wrap_offset;
+    }
+  }
+};
+
+// One pass over x. Thread (x, y) of the block handles channel tile * TC + x.
+// Per iteration it loads E elements of its channel (one 16-byte item when
+// a.vector, else E one-element items TR items apart), stages them in shared
+// memory and runs the per-element code over them in a rolled loop: a single
+// copy of the math, which keeps the 16 K instantiations quick to compile.
+// Outputs go straight to memory, or through shared memory into one 16-byte
+// store when a.vector.
+template <class Op>
 __global__ void __launch_bounds__(kThreads) element_pass(const PassArgs<typename Op::scalar_t> a) {
   using scalar_t = typename Op::scalar_t;
   using acc_t = typename Op::acc_t;
+  constexpr int E = kVecWidth<scalar_t>;
+  // [element][thread]: each thread uses its own column, so no barriers, and
+  // a warp's accesses hit consecutive banks.
+  __shared__ acc_t stage_x[E][kThreads];
+  __shared__ acc_t stage_g[Op::kReadsGrad ? E : 1][kThreads];
+  __shared__ scalar_t stage_y[Op::kWritesOutput ? E : 1][kThreads];
+
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const int64_t tiles = (a.C + blockDim.x - 1) / blockDim.x;
   const int64_t elements = a.N * a.L;
-  // A thread's next item is TR * VEC elements further along the channel:
-  // step_l along l, plus a wrap to the next n when l passes L.
-  const int64_t step = static_cast<int64_t>(blockDim.y) * VEC;
-  const int64_t step_l = step % a.L;
-  const int64_t step_offset = (step / a.L) * a.stride_n + step_l * a.stride_l;
-  const int64_t wrap_offset = a.stride_n - a.L * a.stride_l;
+  const int64_t step = static_cast<int64_t>(blockDim.y) * (a.vector ? E : 1);
+  const Walk walk{step, step % a.L, (step / a.L) * a.stride_n + (step % a.L) * a.stride_l,
+                  a.stride_n - a.L * a.stride_l, a.L};
 
   for (int64_t unit = blockIdx.x; unit < tiles * a.slices; unit += gridDim.x) {
     const int64_t slice = unit % a.slices;
-    const int64_t c = (unit / a.slices) * blockDim.x + threadIdx.x;
+    const int64_t first_channel = (unit / a.slices) * blockDim.x;
+    const int64_t c = first_channel + threadIdx.x;
     // At least one slot so that passes without sums still compile.
     acc_t partial[Op::kQuantities > 0 ? Op::kQuantities : 1] = {};
     if (c < a.C) {
       Op op;
       op.load(a, c, slice == 0 && threadIdx.y == 0);
       const int64_t end = std::min(elements, (slice + 1) * a.chunk);
-      int64_t e = slice * a.chunk + static_cast<int64_t>(threadIdx.y) * VEC;
-      int64_t l = e % a.L;
-      int64_t offset = (e / a.L) * a.stride_n + c * a.stride_c + l * a.stride_l;
-      while (e < end) {
-        acc_t xv[ITEMS][VEC];
-        acc_t gv[ITEMS][VEC];
-        int64_t where[ITEMS];
-#pragma unroll
-        for (int i = 0; i < ITEMS; ++i) {
-          where[i] = e < end ? offset : -1;
-          if (where[i] >= 0) {
-            load_vec<VEC>(a.x + offset, xv[i]);
-            if constexpr (Op::kReadsGrad) {
-              load_vec<VEC>(a.grad_out + offset, gv[i]);
-            }
+      Cursor cur;
+      cur.e = slice * a.chunk + static_cast<int64_t>(threadIdx.y) * (a.vector ? E : 1);
+      cur.l = cur.e % a.L;
+      cur.offset = (cur.e / a.L) * a.stride_n + c * a.stride_c + cur.l * a.stride_l;
+      while (cur.e < end) {
+        const Cursor first = cur;
+        // Every load of the iteration is issued before any is used.
+        Packed<scalar_t, E> raw_x, raw_g;
+        int count = 0;
+        if (a.vector) {
+          raw_x = load_packed<E>(a.x + cur.offset);
+          if constexpr (Op::kReadsGrad) {
+            raw_g = load_packed<E>(a.grad_out + cur.offset);
           }
-          e += step;
-          l += step_l;
-          offset += step_offset;
-          if (l >= a.L) {
-            l -= a.L;
-            offset += wrap_offset;
+          count = E;
+          walk.advance(cur);
+        } else {
+#pragma unroll
+          for (int i = 0; i < E; ++i) {
+            // Items past the slice's end reload the first one (in bounds) and are not counted.
+            const bool valid = cur.e < end;
+            const int64_t at = valid ? cur.offset : first.offset;
+            raw_x.v[i] = a.x[at];
+            if constexpr (Op::kReadsGrad) {
+              raw_g.v[i] = a.grad_out[at];
+            }
+            count = valid ? i + 1 : count;
+            walk.advance(cur);
           }
         }
-#pragma unroll
-        for (int i = 0; i < ITEMS; ++i) {
-          if (where[i] >= 0) {
-            acc_t y[VEC];
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) {
-              y[v] = op.element(xv[i][v], Op::kReadsGrad ? gv[i][v] : acc_t(0), partial);
+        stage(raw_x, stage_x, tid);
+        if constexpr (Op::kReadsGrad) {
+          stage(raw_g, stage_g, tid);
+        }
+        Cursor out = first;
+#pragma unroll 1
+        for (int v = 0; v < count; ++v) {
+          acc_t dout = acc_t(0);
+          if constexpr (Op::kReadsGrad) {
+            dout = stage_g[v][tid];
+          }
+          const acc_t y = op.element(stage_x[v][tid], dout, partial);
+          if constexpr (Op::kWritesOutput) {
+            if (a.vector) {
+              stage_y[v][tid] = static_cast<scalar_t>(y);
+            } else {
+              a.out[out.offset] = static_cast<scalar_t>(y);
+              walk.advance(out);
             }
-            if constexpr (Op::kWritesOutput) {
-              store_vec<VEC>(a.out + where[i], y);
-            }
+          }
+        }
+        if constexpr (Op::kWritesOutput) {
+          if (a.vector) {
+            store_packed<E>(stage_y, tid, a.out + first.offset);
           }
         }
       }
     }
     if constexpr (Op::kQuantities > 0) {
       if (a.accumulate) {
-        write_unit_partials(partial, a, c, slice);
+        write_unit_partials(partial, a, first_channel, slice, tid);
       }
     }
   }
@@ -390,7 +456,7 @@ struct LaunchShape {
 };
 
 template <typename Kernel>
-LaunchShape launch_shape(Kernel kernel, const ChannelView& view, int vec, int items) {
+LaunchShape launch_shape(Kernel kernel, const ChannelView& view, int vec, int per_iteration) {
   int device = 0;
   int multiprocessors = 0;
   int blocks_per_sm = 0;
@@ -407,22 +473,23 @@ LaunchShape launch_shape(Kernel kernel, const ChannelView& view, int vec, int it
   }
   const int64_t tr = kThreads / tc;
   const int64_t tiles = ceil_div(view.C, tc);
-  // Split channels into as many slices as fill one wave of resident blocks,
-  // but give every thread at least one iteration and at most
-  // kMaxElementsPerThread elements per unit.
+  // As many slices per channel as fill one wave of resident blocks (no tail
+  // wave), but at least one iteration and at most kMaxElementsPerThread
+  // elements per thread and unit.
   const int64_t elements = view.N * view.L;
   int64_t chunk = ceil_div(elements, std::max<int64_t>(1, resident / tiles));
-  chunk = std::clamp(chunk, tr * vec * items, tr * kMaxElementsPerThread);
+  chunk = std::clamp(chunk, tr * per_iteration, tr * kMaxElementsPerThread);
   chunk = ceil_div(chunk, vec) * vec;  // slices start on vector boundaries
   const int64_t slices = ceil_div(elements, chunk);
   return {dim3(static_cast<unsigned>(tc), static_cast<unsigned>(tr)), std::min(tiles * slices, resident), slices,
           chunk};
 }
 
-template <class Op, int VEC, int ITEMS>
+template <class Op>
 void launch(PassArgs<typename Op::scalar_t> a, const ChannelView& view, at::Tensor* sums) {
-  const auto kernel = element_pass<Op, VEC, ITEMS>;
-  const LaunchShape shape = launch_shape(kernel, view, VEC, ITEMS);
+  constexpr int E = kVecWidth<typename Op::scalar_t>;
+  const auto kernel = element_pass<Op>;
+  const LaunchShape shape = launch_shape(kernel, view, a.vector ? E : 1, E);
   a.slices = shape.slices;
   a.chunk = shape.chunk;
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -451,23 +518,17 @@ void dispatch_components(int K, F&& f, std::integer_sequence<int, Ks...>) {
 // Runs pass Op<scalar_t, K> over x; `data` are the tensors read or written
 // element by element, which must all be 16-byte aligned for vector access.
 template <template <typename, int> class Op, typename scalar_t>
-void run_pass(const PassArgs<scalar_t>& a, const ChannelView& view, int K, at::Tensor* sums,
+void run_pass(PassArgs<scalar_t> a, const ChannelView& view, int K, at::Tensor* sums,
               std::initializer_list<const void*> data) {
   if (view.N * view.L == 0 || view.C == 0) {
     return;
   }
-  constexpr int kVec = kVecWidth<scalar_t>;
-  const bool vector = !view.channels_inner() && view.L % kVec == 0 &&
-                      std::all_of(data.begin(), data.end(),
-                                  [](const void* p) { return reinterpret_cast<uintptr_t>(p) % kLoadBytes == 0; });
-  dispatch_components(K, [&](auto components) {
-    using P = Op<scalar_t, decltype(components)::value>;
-    if (vector) {
-      launch<P, kVec, 1>(a, view, sums);
-    } else {
-      launch<P, 1, kVec>(a, view, sums);
-    }
-  }, std::make_integer_sequence<int, kMaxComponents>{});
+  a.vector = !view.channels_inner() && view.L % kVecWidth<scalar_t> == 0 &&
+             std::all_of(data.begin(), data.end(),
+                         [](const void* p) { return reinterpret_cast<uintptr_t>(p) % kLoadBytes == 0; });
+  dispatch_components(
+      K, [&](auto components) { launch<Op<scalar_t, decltype(components)::value>>(a, view, sums); },
+      std::make_integer_sequence<int, kMaxComponents>{});
 }
 
 template <typename scalar_t>
