@@ -20,7 +20,7 @@ $(BIN)/python:
 
 $(VENV)/.deps: | $(BIN)/python
 	$(BIN)/pip install $(TORCH_SPEC)
-	$(BIN)/pip install $(TRITON_SPEC) ninja pybind11 numpy matplotlib pytest pytest-benchmark
+	$(BIN)/pip install $(TRITON_SPEC) ninja pybind11 numpy matplotlib pytest pytest-benchmark scikit-learn mnist1d
 	touch $@
 
 $(STAMP): $(VENV)/.deps $(SOURCES)
