@@ -23,6 +23,15 @@ BACKEND_NAMES = ("auto", "cpp", "triton", "reference")
 MAX_FUSED_COMPONENTS = 16
 
 
+def check_components(name: str, num_components: int) -> None:
+    """Raise when a fused backend is asked for more components than its kernels hold."""
+    if num_components > MAX_FUSED_COMPONENTS and name in ("cpp", "triton"):
+        raise ValueError(
+            f"backend {name!r} supports at most {MAX_FUSED_COMPONENTS} components, got {num_components}; "
+            "use backend='reference'"
+        )
+
+
 def check_backend_name(name: str) -> None:
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")

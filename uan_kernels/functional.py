@@ -182,11 +182,7 @@ def uan(
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(input.shape)}"
         )
-    if mu.shape[0] > _backends.MAX_FUSED_COMPONENTS and backend in ("cpp", "triton"):
-        raise ValueError(
-            f"backend {backend!r} supports at most {_backends.MAX_FUSED_COMPONENTS} components, got {mu.shape[0]}; "
-            "use backend='reference'"
-        )
+    _backends.check_components(backend, mu.shape[0])
     impl = _backends.resolve(
         "reference" if mu.shape[0] > _backends.MAX_FUSED_COMPONENTS else backend, input.device
     )

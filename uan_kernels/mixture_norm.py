@@ -176,11 +176,7 @@ class MixtureNorm(nn.Module):
         if not isinstance(affine, bool):
             raise ValueError(f"affine must be a bool, got {affine!r}")
         _backends.check_available(backend)
-        if num_components > _backends.MAX_FUSED_COMPONENTS and backend in ("cpp", "triton"):
-            raise ValueError(
-                f"backend {backend!r} supports at most {_backends.MAX_FUSED_COMPONENTS} components, "
-                f"got {num_components}; use backend='reference'"
-            )
+        _backends.check_components(backend, num_components)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.num_components = num_components

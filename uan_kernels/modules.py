@@ -80,11 +80,7 @@ class UAN(nn.Module):
                 "track_running_stats=False applies to update='weight' only: in moving-average mode "
                 "the mixture buffers are the running estimates"
             )
-        if num_components > _backends.MAX_FUSED_COMPONENTS and backend in ("cpp", "triton"):
-            raise ValueError(
-                f"backend {backend!r} supports at most {_backends.MAX_FUSED_COMPONENTS} components, "
-                f"got {num_components}; use backend='reference'"
-            )
+        _backends.check_components(backend, num_components)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.num_components = num_components
