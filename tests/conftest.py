@@ -41,6 +41,26 @@ def make_input(shape, dtype=torch.float64, device="cpu", seed=1, channels_last=F
     return x.requires_grad_(requires_grad)
 
 
+def assert_compiled_training_matches_eager(model, x, grad_rtol=None, grad_atol=None, **compile_kwargs):
+    """One training step of ``torch.compile(model, **compile_kwargs)`` equals one
+    eager step from the same state: output, parameter gradients, and buffers after."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out = torch.compile(model, **compile_kwargs)(x)
+    out.sum().backward()
+    out = out.detach().clone()  # a CUDA graph may overwrite its output on the next replay
+    grads = [p.grad.clone() for p in model.parameters()]
+    after_compiled = {k: v.clone() for k, v in model.state_dict().items()}
+    model.zero_grad()
+    model.load_state_dict(state)
+    eager = model(x)
+    eager.sum().backward()
+    torch.testing.assert_close(out, eager)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=grad_rtol, atol=grad_atol)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(after_compiled[k], v)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

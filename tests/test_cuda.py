@@ -19,7 +19,7 @@ from uan_kernels import ops, reference  # noqa: E402
 if not ops.has_kernel("cuda"):
     pytest.skip("uan_kernels._C was built without CUDA kernels", allow_module_level=True)
 
-from conftest import make_input, make_mixture  # noqa: E402
+from conftest import assert_compiled_training_matches_eager, make_input, make_mixture  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 
@@ -246,24 +246,9 @@ def small_cnn(update):
 @pytest.mark.parametrize("update", ["weight", "moving_average"])
 def test_compile_reduce_overhead_training_matches_eager(update):
     model = small_cnn(update)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.randn(4, 3, 12, 12, device=CUDA)
-    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
-    out = compiled(x)
-    out.sum().backward()
-    out = out.detach().clone()
-    grads = [p.grad.clone() for p in model.parameters()]
-    after_compiled = {k: v.clone() for k, v in model.state_dict().items()}
-    model.zero_grad()
-    model.load_state_dict(state)
-    eager = model(x)
-    eager.sum().backward()
-    torch.testing.assert_close(out, eager)
     # Inductor sums the convolutions' gradients in another order than eager.
-    for g, p in zip(grads, model.parameters()):
-        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
-    for k, v in model.state_dict().items():
-        torch.testing.assert_close(after_compiled[k], v)
+    assert_compiled_training_matches_eager(model, torch.randn(4, 3, 12, 12, device=CUDA), grad_rtol=1e-4,
+                                           grad_atol=1e-5, mode="reduce-overhead", fullgraph=True)
 
 
 def test_compile_reduce_overhead_inference_replays_cuda_graph():

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import uan_kernels
-from conftest import make_input, make_mixture
+from conftest import assert_compiled_training_matches_eager, make_input, make_mixture
 from uan_kernels import ops
 
 
@@ -68,23 +68,7 @@ def test_compile_fullgraph_small_cnn(update):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), uan_kernels.UAN(8, 3, update=update, backend="cpp"),
                           nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
-    twin = nn.Sequential(*[m for m in model])  # same modules, eager
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.randn(4, 3, 8, 8)
-    compiled = torch.compile(model, fullgraph=True)
-    out = compiled(x)
-    out.sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    after_compiled = {k: v.clone() for k, v in model.state_dict().items()}
-    model.zero_grad()
-    model.load_state_dict(state)
-    eager = twin(x)
-    eager.sum().backward()
-    torch.testing.assert_close(out, eager)
-    for g, p in zip(grads, model.parameters()):
-        torch.testing.assert_close(g, p.grad)
-    for k, v in model.state_dict().items():
-        torch.testing.assert_close(after_compiled[k], v)
+    assert_compiled_training_matches_eager(model, torch.randn(4, 3, 8, 8), fullgraph=True)
 
 
 @pytest.mark.parametrize(
