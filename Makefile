@@ -13,7 +13,7 @@ TRITON_SPEC ?= triton==3.7.1
 STAMP := $(VENV)/.uan-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 
-.PHONY: install run demo test bench
+.PHONY: install run demo test bench gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,8 @@ test: install
 
 bench: install
 	$(BIN)/python -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)
+
+# On a machine with a CUDA GPU: build with CUDA for it, test, sanitize, benchmark
+# (the machine's own python, torch and triton; nothing is installed).
+gpu-check:
+	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The one command to run on a machine with a CUDA GPU (`make gpu-check`).
+#
+# Uses the machine's own Python with its preinstalled torch and triton (no
+# virtual environment, no download), so it also runs where nothing can be
+# fetched. Steps, each logged under benchmarks/results/cuda/<gpu>/:
+#   1. build uan_kernels._C with CUDA kernels for this GPU's architecture;
+#   2. the whole test suite on CUDA (tests/test_cuda.py, the Triton suites on
+#      CUDA tensors, not the interpreter, and everything else);
+#   3. the benchmark table, `uan-bench --device cuda`;
+#   4. the CUDA tests under compute-sanitizer memcheck and racecheck, when the
+#      tool is installed (a representative subset: the tool slows every kernel).
+# A summary of every step goes to summary.md; the exit status is non-zero when
+# any step failed.
+#
+# Environment: PYTHON (default python3), CUDA_HOME (default: found from nvcc),
+# GPU_CHECK_STEPS (default "build tests bench sanitizer"), GPU_CHECK_OUT
+# (default benchmarks/results/cuda/<gpu>), GPU_CHECK_STEP_TIMEOUT (seconds per
+# step, default 0: none).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+STEPS="${GPU_CHECK_STEPS:-build tests bench sanitizer}"
+STEP_TIMEOUT="${GPU_CHECK_STEP_TIMEOUT:-0}"
+
+gpu_name="$("$PYTHON" -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU visible"; print(torch.cuda.get_device_name(0))')" || {
+  echo "gpu-check: torch sees no CUDA GPU here" >&2
+  exit 1
+}
+gpu_slug="$(echo "$gpu_name" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^-//; s/-$//')"
+OUTDIR="${GPU_CHECK_OUT:-benchmarks/results/cuda/$gpu_slug}"
+mkdir -p "$OUTDIR"
+SUMMARY="$OUTDIR/summary.md"
+status=0
+
+if [ -z "${CUDA_HOME:-}" ]; then
+  # torch can guess CUDA_HOME wrongly from a wrapper script named nvcc: take
+  # the first candidate that has both the compiler and the runtime headers.
+  for candidate in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")" /usr/local/cuda; do
+    if [ -x "$candidate/bin/nvcc" ] && [ -f "$candidate/include/cuda_runtime.h" ]; then
+      export CUDA_HOME="$candidate"
+      break
+    fi
+  done
+fi
+arch="$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability(0))')"
+
+{
+  echo "# gpu-check on $gpu_name"
+  echo
+  echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo "- $("$PYTHON" -c 'import torch, triton; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton.__version__}")' 2>&1)"
+  echo "- nvcc: $("${CUDA_HOME:-/nonexistent}/bin/nvcc" --version 2>/dev/null | tail -n 1); CUDA_HOME=${CUDA_HOME:-unset}; arch $arch"
+  echo "- driver: $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)"
+  echo
+  echo "| step | result | seconds | log |"
+  echo "|---|---|---:|---|"
+} >"$SUMMARY"
+
+# run STEP LOG CMD...: runs CMD with its output in LOG, records the outcome.
+run() {
+  local step="$1" log="$2"
+  shift 2
+  local start=$SECONDS
+  echo "gpu-check: $step ..." >&2
+  timeout "$STEP_TIMEOUT" "$@" >"$OUTDIR/$log" 2>&1
+  local rc=$?
+  local result="ok"
+  if [ $rc -ne 0 ]; then
+    result="FAILED (exit $rc)"
+    status=1
+  fi
+  local tail_line
+  tail_line="$(grep -E '(passed|failed|error|ERROR SUMMARY)' "$OUTDIR/$log" | tail -n 1 | tr '|' '/')"
+  echo "| $step | $result ${tail_line:+($tail_line)} | $((SECONDS - start)) | $log |" >>"$SUMMARY"
+  echo "gpu-check: $step: $result $tail_line" >&2
+  return $rc
+}
+
+wants() { [[ " $STEPS " == *" $1 "* ]]; }
+
+if wants build; then
+  run build build.log env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
+    "$PYTHON" setup.py build_ext --inplace || { cat "$SUMMARY"; exit 1; }
+fi
+"$PYTHON" -c 'from uan_kernels import ops; assert ops.has_kernel("cuda"), "uan_kernels._C has no CUDA kernels"' || {
+  echo "gpu-check: the extension has no CUDA kernels" >&2
+  exit 1
+}
+
+PYTEST=("$PYTHON" -m pytest -p no:cacheprovider --benchmark-disable -ra)
+if wants tests; then
+  run "tests (CUDA, Triton on CUDA, all)" tests.log "${PYTEST[@]}" tests --junitxml="$OUTDIR/tests.xml"
+fi
+
+if wants bench; then
+  run "benchmark table (uan-bench --device cuda)" bench.log "$PYTHON" -m uan_kernels.bench --device cuda --out "$OUTDIR"
+fi
+
+if wants sanitizer; then
+  if command -v compute-sanitizer >/dev/null 2>&1; then
+    # The caching allocator hides out-of-bounds accesses inside its blocks.
+    subset="f32 and (training_forward or eval_forward or gradients_match_reference)"
+    for tool in memcheck racecheck; do
+      run "compute-sanitizer $tool" "sanitizer-$tool.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
+        "${PYTEST[@]}" -q tests/test_cuda.py -k "$subset"
+    done
+  else
+    echo "| compute-sanitizer | not installed | 0 | - |" >>"$SUMMARY"
+  fi
+fi
+
+cat "$SUMMARY"
+exit $status
