@@ -1,9 +1,13 @@
 """Fused backends (C++ and Triton) against the float64 reference.
 
-Each test runs for every fused backend that can run on CPU here: "cpp", and
-"triton" under the Triton interpreter (kept to small shapes: it is slow).
+Each test runs for every fused backend: "cpp" on CPU tensors, and "triton" on
+CUDA tensors where a GPU is visible, else on CPU tensors under the Triton
+interpreter (kept to small shapes: it is slow). Tensors are built on the CPU
+and moved to the backend's device inside the call (differentiably), so every
+test reads the same on either machine.
 """
 import importlib.util
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,11 +16,25 @@ import torch.nn.functional as F
 from conftest import SHAPES, make_input, make_mixture
 from uan_kernels import _backends, reference
 
-FUSED = ["cpp"] + (["triton"] if importlib.util.find_spec("triton") else [])
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+FUSED = ["cpp", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"))]
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def backend(name):
-    return _backends.resolve(name, torch.device("cpu"))
+    """Backend ``name`` as train/eval functions of CPU tensors, run on its device."""
+    device = TRITON_DEVICE if name == "triton" else torch.device("cpu")
+    impl = _backends.resolve(name, device)
+    if device.type == "cpu":
+        return impl
+
+    def moved(fn):
+        def call(*args):
+            out = fn(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args])
+            return out.cpu() if isinstance(out, torch.Tensor) else tuple(t.cpu() for t in out)
+        return call
+
+    return SimpleNamespace(train=moved(impl.train), eval=moved(impl.eval))
 
 
 def rel_err(actual, expected):
