@@ -5,18 +5,24 @@ the device's copy bandwidth, then for each implementation and pass (training
 forward, forward+backward, eval) the median time, the bandwidth achieved on
 the bytes the pass must move, its share of the copy bandwidth, the ratio to
 BatchNorm2d and the speed-up over the reference under ``torch.compile``, plus
-the bytes saved for backward and (on GPU) the peak memory. MixtureNorm's EM
-is timed on its own line. Results go to ``benchmarks/results/<device>/`` as
-JSON and a PNG plot. The pytest-benchmark suites in ``benchmarks/`` build their
-cases with the same :func:`make_module`.
+the bytes saved for backward and (on GPU) the peak memory. Implementations
+are measured in paired rounds (:class:`PairedRounds`): every ratio is the
+median of ratios taken within a round, under the same load, with its spread.
+On a CPU the table is measured at the default torch thread count and at one
+thread. MixtureNorm's EM is timed on its own line. Results go to
+``benchmarks/results/<device>/`` as JSON, markdown and a PNG plot. The
+pytest-benchmark suites in ``benchmarks/`` build their cases with the same
+:func:`make_module` and :class:`PairedRounds`.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -61,7 +67,11 @@ def synchronize(device: torch.device) -> None:
 
 
 def median_time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` in seconds, synchronising the device around each call."""
+    """Median wall time of ``fn`` in seconds, synchronising the device around each call.
+
+    For absolute figures that have no counterpart to pair with (copy bandwidth,
+    the EM fit alone); comparisons between implementations use :class:`PairedRounds`.
+    """
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -72,6 +82,88 @@ def median_time(fn: Callable[[], object], device: torch.device, repeats: int, wa
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, calls: int = 1) -> float:
+    """Seconds per call of ``fn`` over ``calls`` back-to-back calls (CUDA events on a GPU)."""
+    synchronize(device)
+    if device.type == "cuda":
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        stop.record()
+        stop.synchronize()
+        return start.elapsed_time(stop) / 1e3 / calls
+    start_s = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start_s) / calls
+
+
+@dataclass
+class Spread:
+    """Median, quartiles and extremes of a sample (quartiles by the inclusive method)."""
+
+    median: float
+    q1: float
+    q3: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: List[float]) -> "Spread":
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+        return cls(statistics.median(values), q1, q3, min(values), max(values))
+
+
+class PairedRounds:
+    """Times several implementations of one pass under the same load.
+
+    Each round runs every implementation once, in a freshly shuffled order, so
+    that a load change on a shared machine hits all of them alike; ratios are
+    taken within a round and summarised over rounds (median and spread), never
+    between medians of separate runs. On a GPU each measurement is several
+    back-to-back calls (about a millisecond in all) timed with CUDA events.
+    """
+
+    GPU_MEASUREMENT_S = 1e-3
+
+    def __init__(self, functions: Dict[str, Callable[[], object]], device: torch.device, seed: int = 0):
+        self.functions = functions
+        self.device = device
+        self.rng = random.Random(seed)
+        self.times: Dict[str, List[float]] = {name: [] for name in functions}
+        self.calls = {name: 1 for name in functions}
+
+    def warm_up(self) -> None:
+        """Runs each implementation twice (compilation, caches) and sizes its GPU measurement."""
+        for name, fn in self.functions.items():
+            fn()
+            seconds = time_calls(fn, self.device)
+            if self.device.type == "cuda":
+                self.calls[name] = max(1, min(100, math.ceil(self.GPU_MEASUREMENT_S / max(seconds, 1e-7))))
+
+    def round(self) -> None:
+        order = list(self.functions)
+        self.rng.shuffle(order)
+        for name in order:
+            self.times[name].append(time_calls(self.functions[name], self.device, self.calls[name]))
+
+    def run(self, rounds: int) -> "PairedRounds":
+        self.warm_up()
+        for _ in range(rounds):
+            self.round()
+        return self
+
+    def seconds(self, name: str) -> Spread:
+        return Spread.of(self.times[name])
+
+    def ratio(self, numerator: str, denominator: str) -> Optional[Spread]:
+        """Per-round ``time(numerator) / time(denominator)``, summarised; None if either is missing."""
+        if numerator not in self.times or denominator not in self.times:
+            return None
+        return Spread.of([a / b for a, b in zip(self.times[numerator], self.times[denominator])])
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 256 * 2**20) -> float:
@@ -153,11 +245,14 @@ class Row:
     dtype: str
     components: int
     pass_name: str
+    threads: int
+    rounds: int
     median_ms: float
+    ms: Spread
     gb_per_s: float
     copy_fraction: float
-    vs_batchnorm: Optional[float] = None
-    speedup_vs_compiled_reference: Optional[float] = None
+    vs_batchnorm: Optional[Spread] = None
+    speedup_vs_compiled_reference: Optional[Spread] = None
     saved_for_backward_mb: Optional[float] = None
     peak_memory_mb: Optional[float] = None
 
@@ -170,6 +265,8 @@ class Report:
     triton: Optional[str]
     date: str
     copy_bandwidth_gb_per_s: float
+    rounds: int
+    thread_counts: List[int]
     rows: List[Row] = field(default_factory=list)
     em_fit_ms: Dict[str, float] = field(default_factory=dict)
     skipped: Dict[str, str] = field(default_factory=dict)
@@ -179,28 +276,35 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _triton_version() -> Optional[str]:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
 def measure(
     device: torch.device,
     shapes: Dict[str, tuple],
     dtypes: List[torch.dtype],
     components: int,
     implementations: List[str],
-    repeats: int,
+    rounds: int,
+    thread_counts: Optional[List[int]] = None,
 ) -> Report:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    """Paired measurement of every runnable implementation and pass, per shape, dtype and thread count."""
+    thread_counts = thread_counts or [torch.get_num_threads()]
     bandwidth = copy_bandwidth(device)
     report = Report(
         device=device_name(device),
         device_type=device.type,
         torch=torch.__version__,
-        triton=triton_version,
+        triton=_triton_version(),
         date=datetime.date.today().isoformat(),
         copy_bandwidth_gb_per_s=bandwidth / 1e9,
+        rounds=rounds,
+        thread_counts=list(thread_counts),
     )
     progress(f"copy bandwidth on {report.device}: {report.copy_bandwidth_gb_per_s:.1f} GB/s")
     for name in implementations:
@@ -208,82 +312,92 @@ def measure(
         if why:
             report.skipped[name] = why
     todo = [n for n in implementations if n not in report.skipped]
-    for shape_name, shape in shapes.items():
-        for dtype in dtypes:
-            g = torch.Generator(device=device).manual_seed(0)
-            x = torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_()
-            grad_out = torch.randn(shape, device=device, dtype=dtype, generator=g)
-            tensor_bytes = x.numel() * x.element_size()
-            for name in todo:
-                module = make_module(name, shape[1], components, device, dtype)
-                slow = name == "uan_reference" or name.startswith("mixturenorm")
-                for pass_name in PASSES:
-                    progress(f"[{shape_name} {str(dtype)[6:]}] {name} {pass_name} ...")
-                    seconds = median_time(pass_function(module, pass_name, x, grad_out), device,
-                                          repeats=max(3, repeats // 4) if slow else repeats)
-                    moved = PASSES[pass_name] * tensor_bytes
-                    row = Row(name, list(shape), str(dtype)[6:], components, pass_name, seconds * 1e3,
-                              moved / seconds / 1e9, moved / seconds / bandwidth)
-                    if pass_name == "forward+backward":
-                        row.saved_for_backward_mb = saved_bytes(module, x) / 2**20
-                        if device.type == "cuda":
-                            torch.cuda.reset_peak_memory_stats(device)
-                            base = torch.cuda.memory_allocated(device)
-                            pass_function(module, pass_name, x, grad_out)()
-                            row.peak_memory_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-                    report.rows.append(row)
-                case = f"{shape_name} {str(dtype)[6:]}"
-                if name.startswith("mixturenorm") and case not in report.em_fit_ms:
-                    report.em_fit_ms[case] = 1e3 * median_time(
-                        lambda: module.fit_mixture(x.detach()), device, repeats=max(3, repeats // 4))
-    _fill_ratios(report.rows)
+    default_threads = torch.get_num_threads()
+    try:
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            for shape_name, shape in shapes.items():
+                for dtype in dtypes:
+                    _measure_case(report, device, f"{shape_name} {str(dtype)[6:]}", shape, dtype, components, todo,
+                                  rounds, threads, bandwidth)
+    finally:
+        torch.set_num_threads(default_threads)
     return report
 
 
-def _fill_ratios(rows: List[Row]) -> None:
-    def key(r):
-        return (tuple(r.shape), r.dtype, r.pass_name)
-
-    batchnorm = {key(r): r.median_ms for r in rows if r.implementation == "batchnorm2d"}
-    compiled = {key(r): r.median_ms for r in rows if r.implementation == "uan_reference_compiled"}
-    for r in rows:
-        if key(r) in batchnorm:
-            r.vs_batchnorm = r.median_ms / batchnorm[key(r)]
-        if key(r) in compiled:
-            r.speedup_vs_compiled_reference = compiled[key(r)] / r.median_ms
+def _measure_case(report: Report, device: torch.device, case: str, shape: tuple, dtype: torch.dtype,
+                  components: int, implementations: List[str], rounds: int, threads: int, bandwidth: float) -> None:
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_()
+    grad_out = torch.randn(shape, device=device, dtype=dtype, generator=g)
+    tensor_bytes = x.numel() * x.element_size()
+    modules = {name: make_module(name, shape[1], components, device, dtype) for name in implementations}
+    for pass_name in PASSES:
+        progress(f"[{case}, {threads} threads] {pass_name}: {rounds} paired rounds of {', '.join(modules)}")
+        paired = PairedRounds({name: pass_function(module, pass_name, x, grad_out)
+                               for name, module in modules.items()}, device).run(rounds)
+        moved = PASSES[pass_name] * tensor_bytes
+        for name, module in modules.items():
+            seconds = paired.seconds(name)
+            row = Row(name, list(shape), str(dtype)[6:], components, pass_name, threads, rounds,
+                      seconds.median * 1e3, Spread(*(1e3 * v for v in asdict(seconds).values())),
+                      moved / seconds.median / 1e9, moved / seconds.median / bandwidth,
+                      vs_batchnorm=paired.ratio(name, "batchnorm2d"),
+                      speedup_vs_compiled_reference=paired.ratio("uan_reference_compiled", name))
+            if pass_name == "forward+backward":
+                row.saved_for_backward_mb = saved_bytes(module, x) / 2**20
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                    base = torch.cuda.memory_allocated(device)
+                    pass_function(module, pass_name, x, grad_out)()
+                    row.peak_memory_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+            report.rows.append(row)
+    em_case = f"{case}, {threads} threads"
+    for name, module in modules.items():
+        if name.startswith("mixturenorm") and em_case not in report.em_fit_ms:
+            report.em_fit_ms[em_case] = 1e3 * median_time(lambda: module.fit_mixture(x.detach()), device,
+                                                          repeats=max(3, rounds // 2))
 
 
 def format_table(report: Report) -> str:
-    """The report as a markdown table (one row per implementation, shape, dtype and pass)."""
+    """The report as a markdown table (one row per thread count, shape, dtype, pass and implementation)."""
     lines = [
         f"Device: {report.device} ({report.device_type}); torch {report.torch}; triton {report.triton}; "
         f"{report.date}; copy bandwidth {report.copy_bandwidth_gb_per_s:.1f} GB/s; K = "
-        f"{report.rows[0].components if report.rows else '-'}",
+        f"{report.rows[0].components if report.rows else '-'}; torch threads {report.thread_counts}",
         "",
-        "| shape | dtype | pass | implementation | median ms | GB/s | % copy BW | × BatchNorm2d "
+        f"Paired: {report.rounds} rounds per case, each running every implementation once in a shuffled order. "
+        "Times are medians over rounds; ratios are medians of the per-round ratios, with their interquartile "
+        "range in brackets.",
+        "",
+        "| threads | shape | dtype | pass | implementation | median ms | GB/s | % copy BW | × BatchNorm2d "
         "| speed-up vs compiled ref | saved for bwd MB | peak MB |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
+    def ratio(spread: Optional[Spread]) -> str:
+        return "-" if spread is None else f"{spread.median:.2f} [{spread.q1:.2f}–{spread.q3:.2f}]"
+
     for r in report.rows:
         lines.append(
-            f"| {tuple(r.shape)} | {r.dtype} | {r.pass_name} | {r.implementation} | {r.median_ms:.3f} "
-            f"| {r.gb_per_s:.1f} | {100 * r.copy_fraction:.1f} | {fmt(r.vs_batchnorm, '.2f')} "
-            f"| {fmt(r.speedup_vs_compiled_reference, '.2f')} | {fmt(r.saved_for_backward_mb, '.1f')} "
+            f"| {r.threads} | {tuple(r.shape)} | {r.dtype} | {r.pass_name} | {r.implementation} "
+            f"| {r.median_ms:.3f} | {r.gb_per_s:.1f} | {100 * r.copy_fraction:.1f} | {ratio(r.vs_batchnorm)} "
+            f"| {ratio(r.speedup_vs_compiled_reference)} | {fmt(r.saved_for_backward_mb, '.1f')} "
             f"| {fmt(r.peak_memory_mb, '.1f')} |"
         )
     for where, ms in report.em_fit_ms.items():
-        lines.append(f"\nMixtureNorm EM fit alone ({where}): {ms:.2f} ms per fit (the cost UAN avoids).")
+        lines.append(f"\nMixtureNorm EM fit alone ({where}): {ms:.2f} ms per fit, median (the cost UAN avoids).")
     for name, why in report.skipped.items():
         lines.append(f"\nNot measured: {name}: {why}.")
     return "\n".join(lines)
 
 
 def plot(report: Report, path: str) -> None:
-    """Bar chart of achieved GB/s per implementation, one panel per pass, copy bandwidth as a line."""
+    """Bar chart of achieved GB/s per implementation, one panel per pass, copy bandwidth as a line
+    (at the first thread count measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,7 +406,7 @@ def plot(report: Report, path: str) -> None:
     shapes = sorted({(tuple(r.shape), r.dtype) for r in report.rows})
     fig, axes = plt.subplots(1, len(PASSES), figsize=(6 * len(PASSES), 4.5), squeeze=False)
     for ax, pass_name in zip(axes[0], PASSES):
-        rows = [r for r in report.rows if r.pass_name == pass_name]
+        rows = [r for r in report.rows if r.pass_name == pass_name and r.threads == report.thread_counts[0]]
         names = list(dict.fromkeys(r.implementation for r in rows))
         width = 0.8 / max(1, len(shapes))
         for i, (shape, dtype) in enumerate(shapes):
@@ -318,14 +432,19 @@ def main(argv=None) -> None:
     parser.add_argument("--components", type=int, default=3)
     parser.add_argument("--dtypes", nargs="+", default=None, help="default: float32 (+ bfloat16 on GPU)")
     parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="paired rounds per case (default: 30 on GPU, 10 on CPU)")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch CPU thread counts to measure (default on CPU: the default count and 1)")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/<device type>")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtypes = args.dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
-    repeats = args.repeats or (50 if device.type == "cuda" else 8)
+    rounds = args.rounds or (30 if device.type == "cuda" else 10)
+    threads = args.threads or ([torch.get_num_threads()] if device.type == "cuda"
+                               else sorted({torch.get_num_threads(), 1}, reverse=True))
     report = measure(device, SHAPES[device.type], [getattr(torch, d) for d in dtypes], args.components,
-                     args.implementations, repeats)
+                     args.implementations, rounds, threads)
     out_dir = args.out or os.path.join("benchmarks", "results", device.type)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "table.json"), "w") as f:
