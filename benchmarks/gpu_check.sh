@@ -4,24 +4,29 @@
 # Uses the machine's own Python with its preinstalled torch and triton (no
 # virtual environment, no download), so it also runs where nothing can be
 # fetched. Steps, each logged under benchmarks/results/cuda/<gpu>/:
-#   1. build uan_kernels._C with CUDA kernels for this GPU's architecture;
+#   1. build uan_kernels._C with CUDA kernels for this GPU's architecture, with
+#      a host compiler that links libstdc++ dynamically;
 #   2. the whole test suite on CUDA (tests/test_cuda.py, the Triton suites on
 #      CUDA tensors, not the interpreter, and everything else);
 #   3. the benchmark table, `uan-bench --device cuda`;
 #   4. the CUDA tests under compute-sanitizer memcheck and racecheck, when the
-#      tool is installed (a representative subset: the tool slows every kernel).
+#      tool is installed (a representative subset: the tool slows every kernel);
+#   5. Nsight Compute (ncu, when installed) on one training step and one eval
+#      forward per backend (benchmarks/profile_step.py): kernels per step,
+#      executed instructions, time and DRAM bytes of each kernel.
 # A summary of every step goes to summary.md; the exit status is non-zero when
 # any step failed.
 #
 # Environment: PYTHON (default python3), CUDA_HOME (default: found from nvcc),
-# GPU_CHECK_STEPS (default "build tests bench sanitizer"), GPU_CHECK_OUT
+# CXX (the host compiler torch builds with), GPU_CHECK_STEPS (default
+# "build tests bench sanitizer profile"), GPU_CHECK_OUT
 # (default benchmarks/results/cuda/<gpu>), GPU_CHECK_STEP_TIMEOUT (seconds per
 # step, default 0: none).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
-STEPS="${GPU_CHECK_STEPS:-build tests bench sanitizer}"
+STEPS="${GPU_CHECK_STEPS:-build tests bench sanitizer profile}"
 STEP_TIMEOUT="${GPU_CHECK_STEP_TIMEOUT:-0}"
 
 gpu_name="$("$PYTHON" -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU visible"; print(torch.cuda.get_device_name(0))')" || {
@@ -80,7 +85,28 @@ run() {
 
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 
+# links_static_libstdcxx COMPILER: whether COMPILER links a shared library
+# with its own static copy of libstdc++. Such a copy beside the process's
+# libstdc++ crashes the first time a C++ error message formats a number (seen
+# with a toolchain wrapper whose default is -static-libstdc++).
+links_static_libstdcxx() {
+  local probe
+  probe="$(mktemp -d)"
+  printf '#include <sstream>\nstd::string f(long v) { std::ostringstream s; s << v; return s.str(); }\n' >"$probe/p.cpp"
+  "$1" -shared -fPIC "$probe/p.cpp" -o "$probe/p.so" 2>/dev/null &&
+    nm -C --defined-only "$probe/p.so" | grep -q '_M_insert<long>'
+  local rc=$?
+  rm -rf "$probe"
+  return $rc
+}
+
 if wants build; then
+  compiler="${CXX:-c++}"
+  if links_static_libstdcxx "$compiler"; then
+    fallback="$(command -v g++ c++ /usr/bin/g++ | while read -r c; do links_static_libstdcxx "$c" || { echo "$c"; break; }; done)"
+    echo "| host compiler | $compiler links libstdc++ statically; using ${fallback:-it anyway} | 0 | - |" >>"$SUMMARY"
+    [ -n "$fallback" ] && export CXX="$fallback"
+  fi
   run build build.log env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
     "$PYTHON" setup.py build_ext --inplace || { cat "$SUMMARY"; exit 1; }
 fi
@@ -91,7 +117,12 @@ fi
 
 PYTEST=("$PYTHON" -m pytest -p no:cacheprovider --benchmark-disable -ra)
 if wants tests; then
-  run "tests (CUDA, Triton on CUDA, all)" tests.log "${PYTEST[@]}" tests --junitxml="$OUTDIR/tests.xml"
+  parallel=()
+  if "$PYTHON" -c 'import xdist' 2>/dev/null; then
+    parallel=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
+  fi
+  run "tests (CUDA, Triton on CUDA, all)" tests.log "${PYTEST[@]}" "${parallel[@]}" tests \
+    --junitxml="$OUTDIR/tests.xml"
 fi
 
 if wants bench; then
@@ -109,6 +140,22 @@ if wants sanitizer; then
     done
   else
     echo "| compute-sanitizer | not installed | 0 | - |" >>"$SUMMARY"
+  fi
+fi
+
+if wants profile; then
+  if command -v ncu >/dev/null 2>&1; then
+    metrics=launch__registers_per_thread,smsp__inst_executed.sum,gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum
+    for backend in cpp triton; do
+      for case in "train" "eval" "train --dtype bfloat16" "train --channels-last"; do
+        name="ncu-$backend-$(echo "$case" | tr -cs 'a-z0-9' '-' | sed 's/-$//').csv"
+        # shellcheck disable=SC2086
+        run "ncu $backend $case" "$name" env PYTHONPATH=. ncu --profile-from-start off --clock-control none --csv \
+          --metrics "$metrics" "$PYTHON" benchmarks/profile_step.py --backend "$backend" --pass $case
+      done
+    done
+  else
+    echo "| ncu | not installed | 0 | - |" >>"$SUMMARY"
   fi
 fi
 
