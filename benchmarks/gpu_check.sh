@@ -13,7 +13,8 @@
 #      tool is installed (a representative subset: the tool slows every kernel);
 #   5. Nsight Compute (ncu, when installed) on one training step and one eval
 #      forward per backend (benchmarks/profile_step.py): kernels per step,
-#      executed instructions, time and DRAM bytes of each kernel.
+#      executed instructions, time and DRAM bytes of each kernel, summarised
+#      in ncu-summary.md (benchmarks/ncu_summary.py).
 # A summary of every step goes to summary.md; the exit status is non-zero when
 # any step failed.
 #
@@ -154,6 +155,7 @@ if wants profile; then
           --metrics "$metrics" "$PYTHON" benchmarks/profile_step.py --backend "$backend" --pass $case
       done
     done
+    run "ncu summary" ncu-summary.log "$PYTHON" benchmarks/ncu_summary.py "$OUTDIR"
   else
     echo "| ncu | not installed | 0 | - |" >>"$SUMMARY"
   fi
