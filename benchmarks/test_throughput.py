@@ -1,43 +1,48 @@
-"""pytest-benchmark suites: every normalisation, pass, K and dtype on this machine's device.
+"""pytest-benchmark suites: every normalisation, pass, K and dtype on this machine's device, paired.
 
-    pytest benchmarks --benchmark-only                       # all
-    pytest benchmarks --benchmark-only -k "uan_cpp or batchnorm2d"
-    pytest benchmarks --benchmark-only --benchmark-save=NAME  # then --benchmark-compare
+    pytest benchmarks --benchmark-only                                   # all
+    pytest benchmarks --benchmark-only --implementations batchnorm2d uan_cpp
+    pytest benchmarks --benchmark-only --benchmark-save=NAME             # then --benchmark-compare
 
-Groups are "<shape> <dtype> <pass> K=<k>", so each group's table compares the
-implementations on one case. Cases come from uan_kernels.bench, the same
+One test per case ("<shape> <dtype> <pass> K=<k>"): each benchmarked round runs
+every implementation once, in a shuffled order (uan_kernels.bench.PairedRounds),
+so all of them see the same load. pytest-benchmark's statistics are those of a
+whole round; each implementation's median time and its ratios to BatchNorm2d
+and to the compiled reference (medians of per-round ratios, with quartiles)
+are in the case's extra_info, in the saved JSON. Cases come from the same
 factory as the `uan-bench` table. Triton is benchmarked on GPUs only.
 """
+from dataclasses import asdict
+
 import pytest
 import torch
 
-from uan_kernels.bench import IMPLEMENTATIONS, PASSES, SHAPES, make_module, pass_function, runnable, synchronize
+from uan_kernels.bench import PASSES, SHAPES, PairedRounds, make_module, pass_function, runnable
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE.type == "cuda" else [torch.float32]
-SLOW = ("uan_reference", "mixturenorm_em1", "mixturenorm_em10")
+ROUNDS = 20 if DEVICE.type == "cuda" else 5
 
 
 @pytest.mark.parametrize("components", [1, 3, 5])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("shape_name", list(SHAPES[DEVICE.type]))
 @pytest.mark.parametrize("pass_name", list(PASSES))
-@pytest.mark.parametrize("name", IMPLEMENTATIONS)
-def test_pass(benchmark, name, pass_name, shape_name, dtype, components):
-    why = runnable(name, DEVICE)
-    if why:
-        pytest.skip(why)
+def test_paired_round(benchmark, implementations, pass_name, shape_name, dtype, components):
+    names = [name for name in implementations if runnable(name, DEVICE) is None]
     shape = SHAPES[DEVICE.type][shape_name]
     benchmark.group = f"{shape_name} {str(dtype)[6:]} {pass_name} K={components}"
     g = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(shape, device=DEVICE, dtype=dtype, generator=g).requires_grad_()
     grad_out = torch.randn(shape, device=DEVICE, dtype=dtype, generator=g)
-    module = make_module(name, shape[1], components, DEVICE, dtype)
-    run = pass_function(module, pass_name, x, grad_out)
-
-    def timed():
-        run()
-        synchronize(DEVICE)
-
-    timed()  # compile and warm up outside the timed rounds
-    benchmark.pedantic(timed, rounds=5 if name in SLOW else 20, warmup_rounds=1)
+    paired = PairedRounds({name: pass_function(make_module(name, shape[1], components, DEVICE, dtype), pass_name,
+                                               x, grad_out) for name in names}, DEVICE)
+    paired.warm_up()  # compile and size the measurements outside the timed rounds
+    benchmark.pedantic(paired.round, rounds=ROUNDS, warmup_rounds=0)
+    for name in names:
+        benchmark.extra_info[name] = {
+            "median_ms": paired.seconds(name).median * 1e3,
+            "x_batchnorm2d": None if (r := paired.ratio(name, "batchnorm2d")) is None else asdict(r),
+            "speedup_vs_compiled_reference":
+                None if (r := paired.ratio("uan_reference_compiled", name)) is None else asdict(r),
+        }
