@@ -331,6 +331,9 @@ def _measure_case(report: Report, device: torch.device, case: str, shape: tuple,
     x = torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_()
     grad_out = torch.randn(shape, device=device, dtype=dtype, generator=g)
     tensor_bytes = x.numel() * x.element_size()
+    # Each case recompiles the compiled reference (new module, shape, threads);
+    # past torch.compile's recompile limit it would silently run eagerly.
+    torch._dynamo.reset()
     modules = {name: make_module(name, shape[1], components, device, dtype) for name in implementations}
     for pass_name in PASSES:
         progress(f"[{case}, {threads} threads] {pass_name}: {rounds} paired rounds of {', '.join(modules)}")
