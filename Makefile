@@ -1,7 +1,8 @@
 # Two commands on a fresh machine (Python 3.10+ and pip):
 #   make run    create .venv, install the pinned packages, build the extension, print the benchmark table
 #   make test   the same set-up, then the test suite
-# Also: make demo (train a small CNN with each normalisation), make bench (pytest-benchmark suites).
+# Also: make demo (train a small CNN with each normalisation), make bench (pytest-benchmark suites),
+#   make census (SASS instructions per element of every kernel vs the H100 budget; needs nvcc for CUDA).
 # PYTHON picks the interpreter that creates the venv; PYTEST_ARGS adds pytest options.
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +14,7 @@ TRITON_SPEC ?= triton==3.7.1
 STAMP := $(VENV)/.uan-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 
-.PHONY: install run demo test bench gpu-check
+.PHONY: install run demo test bench census gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,9 @@ test: install
 
 bench: install
 	$(BIN)/python -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)
+
+census: install
+	$(BIN)/python benchmarks/census.py
 
 # On a machine with a CUDA GPU: build with CUDA for it, test, sanitize, benchmark
 # (the machine's own python, torch and triton; nothing is installed).

@@ -20,6 +20,10 @@ from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
+# Device-code options of the CUDA build; benchmarks/census.py compiles the
+# kernels with these too (it reads both literals from this file).
+NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+CUDA_DEFINE_MACROS = [("UAN_WITH_CUDA", None)]
 
 CPU_CAPABILITY_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY=AVX512",
@@ -62,10 +66,9 @@ def extension():
     if build_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
-        nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         return cpp_extension.CUDAExtension(
-            "uan_kernels._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            define_macros=[("UAN_WITH_CUDA", None)], **common
+            "uan_kernels._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": NVCC_FLAGS},
+            define_macros=CUDA_DEFINE_MACROS, **common
         )
     return cpp_extension.CppExtension("uan_kernels._C", sources, extra_compile_args={"cxx": cxx_flags}, **common)
 

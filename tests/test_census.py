@@ -1,0 +1,124 @@
+"""The instruction census (benchmarks/census.py) and the launch counts it reports.
+
+The launch counts are pinned to their current values: a change of the host
+code that adds or removes kernel launches or ATen ops per step must update
+them here, on purpose. The census itself runs for the K=3 float32 NCHW row
+(one shape) in a child process, since Triton compiles real kernels only
+outside the interpreter these tests use on CPU machines.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import launch_counts  # noqa: E402
+
+# (ATen ops, fused operators, Triton kernels) per phase, measured with torch 2.13.
+EXPECTED_LAUNCHES = {
+    "cpp": {
+        "train weight": (89, 2, 0),
+        "train moving_average": (106, 2, 0),
+        "eval weight": (13, 1, 0),
+        "eval moving_average": (15, 1, 0),
+    },
+    "triton": {
+        "train weight": (35, 2, 5),
+        "train moving_average": (49, 2, 5),
+        "eval weight": (0, 1, 1),
+        "eval moving_average": (2, 1, 1),
+    },
+}
+TRITON_TRAIN_KERNELS = {
+    "_stats_partials_kernel": 1, "_merge_stats_kernel": 1, "_normalize_kernel": 1,
+    "_backward_reduce_kernel": 1, "_backward_elementwise_kernel": 1,
+}
+
+
+def _as_json(counts):
+    return {b: c if isinstance(c, str) else {p: vars(v) for p, v in c.items()} for b, c in counts.items()}
+
+
+@pytest.fixture(scope="module")
+def counts():
+    return launch_counts.count_launches()
+
+
+@pytest.mark.parametrize("backend", sorted(EXPECTED_LAUNCHES))
+def test_launch_counts_are_pinned_and_stable(counts, backend):
+    if isinstance(counts[backend], str):
+        pytest.skip(counts[backend])
+    for phase, expected in EXPECTED_LAUNCHES[backend].items():
+        count = counts[backend][phase]
+        assert (count.aten_ops, count.fused_ops, count.triton_kernels) == expected, (phase, count)
+        assert sum(count.aten_by_name.values()) == count.aten_ops
+        assert launch_counts.count_phase(backend, phase) == count  # stable from one step to the next
+    if backend == "triton":
+        assert counts["triton"]["train weight"].triton_by_name == TRITON_TRAIN_KERNELS
+
+
+def test_views_and_allocations_are_not_counted(counts):
+    for phases in counts.values():
+        if isinstance(phases, str):
+            continue
+        for count in phases.values():
+            assert not set(count.aten_by_name) & launch_counts.NO_KERNEL_OPS
+
+
+@pytest.fixture(scope="module")
+def census(tmp_path_factory):
+    """census.py --ci on the K=3 float32 NCHW row of one shape: exit status, JSON report, Markdown."""
+    out = tmp_path_factory.mktemp("census")
+    backends = ["cuda", "triton"] if shutil.which("nvcc") else ["triton"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "census.py"), "--ci", "--backends", *backends, "--dtypes", "float32",
+         "--layouts", "nchw", "--components", "3", "--shapes", "64x256x16x16", "--output-dir", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "census.json").read_text()), (out / "census.md").read_text()
+
+
+def test_census_ci_row_passes(census):
+    report, markdown = census
+    assert report["errors"] == []
+    assert "| float32 | nchw | 3 | 64x256x16x16 |" in markdown
+    assert "instructions/element" in markdown  # the budget arithmetic
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_census_counts_every_kernel_without_spills(census, backend):
+    if backend == "cuda" and not shutil.which("nvcc"):
+        pytest.skip("nvcc is not on PATH: the CUDA kernels cannot be compiled here")
+    report, _ = census
+    kernels = [k for k in report["kernels"] if k["backend"] == backend]
+    passes = {k["pass_name"] for k in kernels}
+    assert passes == {"statistics", "normalize", "backward reduce", "backward elementwise", "eval"}
+    for k in kernels:
+        assert not k["error"], k
+        assert k["registers"] > 0 and k["occupancy"] > 0, k
+        assert k["spill_stores"] == 0 and k["spill_loads"] == 0, k
+        if k["per_element_kernel"]:
+            assert k["iteration_instructions"] > 0 and k["instructions_per_element"] > 0, k
+            assert k["elements_per_thread_per_iteration"] > 0, k
+    (summary,) = [c for c in report["cases"] if c["backend"] == backend]
+    assert summary["budget_train_step"] == pytest.approx(316, abs=1)
+    for update in ("weight", "moving_average"):
+        assert summary["train_step"][update] > summary["eval_forward"] > 0
+
+
+def test_census_reports_the_launch_counts(census, counts):
+    report, _ = census
+    reported = report["launch_counts"]
+    for backend, phases in _as_json(counts).items():
+        if isinstance(phases, str):
+            continue
+        for phase, count in phases.items():
+            assert {k: v for k, v in reported[backend][phase].items() if k != "cuda_pass_kernels"} == count
