@@ -45,7 +45,7 @@ bench: install
 census: install
 	$(BIN)/python benchmarks/census.py
 
-# On a machine with a CUDA GPU: build with CUDA for it, test, sanitize, benchmark
+# On a machine with a CUDA GPU: build with CUDA for it, test, benchmark, sanitize, profile
 # (the machine's own python, torch and triton; nothing is installed).
 gpu-check:
 	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh
