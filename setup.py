@@ -6,7 +6,8 @@ CUDA and nvcc is found. Environment overrides:
 * ``UAN_CPU_CAPABILITY``: ``avx512``, ``avx2`` or ``default`` (no x86 SIMD
   flags). The default picks the widest one this build machine supports, like
   ``-march=native``: set it explicitly when building for other machines.
-* ``TORCH_CUDA_ARCH_LIST``: CUDA architectures (default ``8.0;9.0``).
+* ``TORCH_CUDA_ARCH_LIST``: CUDA architectures (default ``8.0;9.0+PTX``: machine
+  code for A100 and H100, and PTX that newer GPUs compile at load time).
 * ``UAN_FORCE_CPU=1``: skip the CUDA kernels even when CUDA is available.
 """
 import glob
@@ -64,7 +65,7 @@ def extension():
     cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wno-maybe-uninitialized", *CPU_CAPABILITY_FLAGS[capability]]
     common = {"include_dirs": [os.path.join(HERE, CSRC)], "py_limited_api": False}
     if build_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
         return cpp_extension.CUDAExtension(
             "uan_kernels._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": NVCC_FLAGS},
