@@ -1,4 +1,7 @@
 """torch.ops.uan registration: opcheck on every schema, torch.compile, and argument checks."""
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -92,3 +95,13 @@ def test_operator_rejects_bad_arguments(mutate, message):
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.uan.forward(*args.values())
+
+
+def test_importing_the_package_registers_the_operators():
+    """`import uan_kernels` alone makes torch.ops.uan.* callable (a fresh interpreter)."""
+    code = ("import torch, uan_kernels\n"
+            "x = torch.randn(4, 2, 3)\n"
+            "mu, log_sigma, mix_logits = torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3)\n"
+            "out = torch.ops.uan.forward(x, mu, log_sigma, mix_logits, None, None, 1e-5)[0]\n"
+            "assert out.shape == x.shape\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
