@@ -105,3 +105,21 @@ def test_importing_the_package_registers_the_operators():
             "out = torch.ops.uan.forward(x, mu, log_sigma, mix_logits, None, None, 1e-5)[0]\n"
             "assert out.shape == x.shape\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_compile_fullgraph_as_first_call_and_with_other_eps_and_momentum():
+    """In a fresh interpreter, torch.compile(fullgraph=True) of a model is the
+    first UAN call (the backend must already be resolved, not imported inside
+    the trace), and a second model whose layers use another eps and momentum
+    compiles too (the config checks must not enter the graph)."""
+    code = (
+        "import torch, uan_kernels\n"
+        "from torch import nn\n"
+        "for update in ('weight', 'moving_average'):\n"
+        "    for eps, momentum in ((1e-5, 0.1), (1e-3, 0.2)):\n"
+        "        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),\n"
+        "                              uan_kernels.UAN(8, 3, update=update, eps=eps, momentum=momentum))\n"
+        "        out = torch.compile(model, fullgraph=True)(torch.randn(4, 3, 8, 8))\n"
+        "        out.sum().backward()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)

@@ -124,3 +124,11 @@ def resolve(name: str, device: torch.device) -> SimpleNamespace:
     if why:
         raise RuntimeError(why)
     return _load(name)[0]
+
+
+# Load the compiled extension's backend (and the reference) now, at import:
+# resolving a backend inside a function that torch.compile traces must be a
+# dictionary lookup, since the tracer cannot follow importlib. The Triton
+# backend, slower to import, is loaded when a layer asks for it by name.
+_load("cpp")
+_load("reference")

@@ -170,7 +170,10 @@ def uan(
     and in eval the running statistics (``update="weight"``; batch statistics
     if none are given) or the mixture itself (``update="moving_average"``).
     """
-    check_config(eps, momentum, update)
+    if not torch.compiler.is_compiling():
+        # Plain Python checks of Python numbers: under torch.compile eps and
+        # momentum may be symbolic, and the operators check eps themselves.
+        check_config(eps, momentum, update)
     _backends.check_backend_name(backend)
     check_inputs(input, mu, log_sigma, mix_logits, weight, bias, running_mean, running_var)
     if update == "moving_average" and running_mean is not None:
