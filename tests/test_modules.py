@@ -278,3 +278,24 @@ def test_many_components_fall_back_to_reference_under_auto():
 def test_available_backends_lists_cpu_backends():
     names = uan_kernels.available_backends("cpu")
     assert "reference" in names and "cpp" in names
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_checkpointing_gives_the_gradients_of_no_checkpointing(backend, use_reentrant):
+    """update='weight' (the running statistics are not read in training, so a
+    recomputed forward is the same function)."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), UAN(6, 3, backend=backend), nn.ReLU())
+    x = torch.randn(4, 3, 6, 6, requires_grad=True)
+
+    def gradients(run):
+        x.grad = None
+        block.zero_grad()
+        run().square().sum().backward()  # reentrant checkpointing supports backward(), not autograd.grad
+        return [x.grad.clone(), *(p.grad.clone() for p in block.parameters())]
+
+    plain = gradients(lambda: block(x))
+    checkpointed = gradients(lambda: torch.utils.checkpoint.checkpoint(block, x, use_reentrant=use_reentrant))
+    for got, want in zip(checkpointed, plain):
+        torch.testing.assert_close(got, want)

@@ -69,8 +69,10 @@ def _backward_fake(grad_output, input, mu, log_sigma, mix_logits, weight, mean, 
     )
 
 
-def _grads(ctx, grad_output: Optional[Tensor], mass: Optional[Tensor]):
-    input, mu, log_sigma, mix_logits, weight, mean, var = ctx.saved_tensors[:7]
+def _grads(ctx, saved, grad_output: Optional[Tensor], mass: Optional[Tensor]):
+    # ``saved``: ctx.saved_tensors, unpacked once by the caller (non-reentrant
+    # checkpointing allows each saved tensor to be unpacked only once).
+    input, mu, log_sigma, mix_logits, weight, mean, var = saved[:7]
     mixture_grads = any(ctx.needs_input_grad[1:4])
     if grad_output is None:
         grad_output = torch.zeros_like(input)
@@ -91,8 +93,8 @@ def _setup_forward(ctx, inputs, output):
 
 
 def _backward_forward(ctx, grad_output, grad_mean, grad_var, grad_mass):
-    mass = ctx.saved_tensors[7]
-    grad_input, grad_mu, grad_log_sigma, grad_mix, grad_weight, grad_bias = _grads(ctx, grad_output, mass)
+    saved = ctx.saved_tensors
+    grad_input, grad_mu, grad_log_sigma, grad_mix, grad_weight, grad_bias = _grads(ctx, saved, grad_output, saved[7])
     return (
         grad_input, grad_mu, grad_log_sigma, grad_mix,
         grad_weight if ctx.has_weight else None, grad_bias if ctx.has_bias else None, None,
@@ -108,7 +110,8 @@ def _setup_forward_stats(ctx, inputs, output):
 
 
 def _backward_forward_stats(ctx, grad_output):
-    grad_input, grad_mu, grad_log_sigma, grad_mix, grad_weight, grad_bias = _grads(ctx, grad_output, None)
+    grad_input, grad_mu, grad_log_sigma, grad_mix, grad_weight, grad_bias = _grads(ctx, ctx.saved_tensors,
+                                                                                   grad_output, None)
     # The given statistics are constants of the eval transform.
     return (
         grad_input, grad_mu, grad_log_sigma, grad_mix, None, None,
