@@ -299,3 +299,23 @@ def test_checkpointing_gives_the_gradients_of_no_checkpointing(backend, use_reen
     checkpointed = gradients(lambda: torch.utils.checkpoint.checkpoint(block, x, use_reentrant=use_reentrant))
     for got, want in zip(checkpointed, plain):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+@pytest.mark.parametrize("update", ["weight", "moving_average"])
+def test_empty_batch_in_training_gives_empty_output_and_changes_no_state(update, backend):
+    device = "cpu"
+    if backend == "triton":
+        pytest.importorskip("triton", reason="the Triton backend needs the triton package")
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs CPU tensors
+    layer = UAN(4, 3, update=update, backend=backend, device=device)
+    before = copy.deepcopy(layer.state_dict())
+    x = torch.empty(0, 4, 3, 3, device=device, requires_grad=True)
+    out = layer(x)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    for name, value in layer.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        layer(torch.randn(1, 4, 1, 1, device=device))

@@ -181,7 +181,7 @@ def uan(
     if update == "moving_average" and any(t.requires_grad for t in (mu, log_sigma, mix_logits)) and training:
         raise ValueError("update='moving_average' updates mu, log_sigma and mix_logits in place; they must not require grad")
     num_values = values_per_channel(input)
-    if training and num_values < 2:
+    if training and num_values == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(input.shape)}"
         )
@@ -191,6 +191,9 @@ def uan(
     )
     eps = float(eps)
 
+    if training and num_values == 0:
+        # As BatchNorm: an empty batch gives an empty output and updates nothing.
+        return impl.train(input, mu, log_sigma, mix_logits, weight, bias, eps)[0]
     if training or (update == "weight" and running_mean is None):
         if training and update == "moving_average":
             # The update below rewrites the buffers in place; autograd must see
