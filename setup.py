@@ -16,8 +16,16 @@ import platform
 
 from setuptools import setup
 
-import torch
-from torch.utils import cpp_extension
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:
+    # A plain `pip install .` builds in an isolated environment without torch;
+    # the extension must build against the torch the user already has.
+    raise SystemExit(
+        "uan-kernels builds against the torch already installed: install torch first, "
+        "then run `pip install --no-build-isolation .`"
+    ) from None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")

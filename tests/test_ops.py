@@ -1,4 +1,5 @@
 """torch.ops.uan registration: opcheck on every schema, torch.compile, and argument checks."""
+import pathlib
 import subprocess
 import sys
 
@@ -123,3 +124,13 @@ def test_compile_fullgraph_as_first_call_and_with_other_eps_and_momentum():
         "        out.sum().backward()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
+
+
+def test_building_without_torch_stops_with_one_line_saying_what_to_run():
+    """What a plain `pip install .` meets in its isolated build environment."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    code = "import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; exec(open('setup.py').read())"
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.strip() == ("uan-kernels builds against the torch already installed: install torch first, "
+                                     "then run `pip install --no-build-isolation .`")
