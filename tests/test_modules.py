@@ -319,3 +319,28 @@ def test_empty_batch_in_training_gives_empty_output_and_changes_no_state(update,
         assert torch.equal(value, before[name]), name
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         layer(torch.randn(1, 4, 1, 1, device=device))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("update", ["weight", "moving_average"])
+def test_non_finite_value_reaches_only_its_own_channel(update, backend):
+    torch.manual_seed(0)
+    layer = UAN(4, 3, update=update, backend=backend)
+    clean = UAN(3, 3, update=update, backend=backend)  # the same layer without channel 1
+    kept = [0, 2, 3]
+    with torch.no_grad():
+        for name, value in clean.state_dict().items():
+            full = layer.state_dict()[name]
+            value.copy_(full if name == "mix_logits" else full[..., kept])
+    x = torch.randn(8, 4, 5, 5)
+    x[3, 1, 2, 2] = float("nan")
+    out = layer(x)
+    torch.testing.assert_close(out[:, kept], clean(x[:, kept]))
+    assert torch.isfinite(layer.mix_logits).all()
+    for name, value in clean.state_dict().items():
+        torch.testing.assert_close(layer.state_dict()[name][..., kept] if name != "mix_logits"
+                                   else layer.mix_logits, value)
+    x = torch.randn(8, 4, 5, 5)
+    for mode in (layer.train, layer.eval):
+        mode()
+        assert torch.isfinite(layer(x)[:, kept]).all()

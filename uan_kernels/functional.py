@@ -120,10 +120,16 @@ def moving_average_update_(
     ``lam <- (1-m) lam + m mean_i(tau_ik)`` over all elements of all channels,
     ``mu <- (1-m) mu + m mean_k``, ``sigma^2 <- (1-m) sigma^2 + m var_k``,
     stored back as ``mix_logits = log(lam)`` and ``log_sigma = log(sigma^2) / 2``.
-    All new values are computed before any buffer is written.
+    All new values are computed before any buffer is written. ``lam`` is shared
+    by all channels, so a channel whose statistics are not finite (a NaN or
+    inf in its input) is left out of its update, as BatchNorm confines such a
+    value to its own channel; with no finite channel ``lam`` keeps its value.
     """
     lam = torch.softmax(mix_logits.double(), dim=0)
-    batch_lam = mass.double().sum(1) / (mass.shape[1] * values_per_channel)
+    finite = (torch.isfinite(mass) & torch.isfinite(mean) & torch.isfinite(var)).all(0)
+    finite_channels = finite.sum()
+    batch_lam = torch.where(finite, mass.double(), 0.0).sum(1) / (finite_channels.clamp_min(1) * values_per_channel)
+    batch_lam = torch.where(finite_channels > 0, batch_lam, lam)
     new_lam = torch.lerp(lam, batch_lam, momentum).clamp_min(_MIN_MIXING_WEIGHT)
     sigma2 = torch.exp(2.0 * log_sigma.double())
     new_sigma2 = torch.lerp(sigma2, var.double(), momentum).clamp_min(_MIN_VARIANCE)
