@@ -4,12 +4,13 @@ Runs a few warm-up calls (Triton compiles, caches fill), then brackets exactly
 one training step (forward + backward) or one eval forward with
 cudaProfilerStart/Stop, so that
 
-    ncu --profile-from-start off --metrics smsp__inst_executed.sum,gpu__time_duration.sum \\
+    PYTHONPATH=. ncu --profile-from-start off --metrics smsp__inst_executed.sum,gpu__time_duration.sum \\
         python benchmarks/profile_step.py --backend cpp --pass train
 
 reports every kernel of that pass and nothing else: the kernels' count is the
 launches per step, and their executed instructions over the elements are the
 measured counterpart of the offline census (benchmarks/census.py).
+(PYTHONPATH=. lets it import an extension built in place, `setup.py build_ext --inplace`.)
 """
 import argparse
 
