@@ -126,10 +126,13 @@ def moving_average_update_(
     value to its own channel; with no finite channel ``lam`` keeps its value.
     """
     lam = torch.softmax(mix_logits.double(), dim=0)
-    finite = (torch.isfinite(mass) & torch.isfinite(mean) & torch.isfinite(var)).all(0)
-    finite_channels = finite.sum()
-    batch_lam = torch.where(finite, mass.double(), 0.0).sum(1) / (finite_channels.clamp_min(1) * values_per_channel)
-    batch_lam = torch.where(finite_channels > 0, batch_lam, lam)
+    # A NaN or inf input makes every responsibility of its element NaN, hence
+    # its channel's mass in every component: nansum leaves those channels out.
+    # With none finite, batch_lam is 0 and lam only shrinks by (1 - momentum),
+    # which softmax(mix_logits) undoes: lam keeps its value.
+    channel_mass = mass.double()
+    finite_channels = torch.isfinite(channel_mass[0]).sum().clamp_min(1)
+    batch_lam = channel_mass.nansum(1) / (finite_channels * values_per_channel)
     new_lam = torch.lerp(lam, batch_lam, momentum).clamp_min(_MIN_MIXING_WEIGHT)
     sigma2 = torch.exp(2.0 * log_sigma.double())
     new_sigma2 = torch.lerp(sigma2, var.double(), momentum).clamp_min(_MIN_VARIANCE)
