@@ -22,22 +22,44 @@ constexpr int kMaxComponents = 16;
 // Added to every division by a component's mass (SPEC).
 constexpr double kMassEps = 1e-12;
 
-C10_HOST_DEVICE inline float value_exp(float v) {
+// Logits are kept in the base of each value type's fastest exponential: base
+// 2 for float on CUDA (exp2 is one MUFU.EX2 instruction, where expf also
+// scales its argument and fixes up denormals), base e elsewhere. Softmax does
+// not depend on the base as long as logits and exponential agree, and the
+// scale multiplies per-component constants, which the element loops hoist.
+C10_HOST_DEVICE inline float logit_scale(float) {
 #if defined(__CUDA_ARCH__)
-  // Hardware exp2 (a few ulp): the arguments are logit - max <= 0 and tau is
-  // a ratio of these, so the accurate expf's extra instructions buy nothing.
-  return __expf(v);
+  return 1.4426950408889634f;  // log2(e)
+#else
+  return 1.0f;
+#endif
+}
+C10_HOST_DEVICE inline double logit_scale(double) { return 1.0; }
+
+// exp of a logit in logit_scale's base; the arguments are logit - max <= 0.
+C10_HOST_DEVICE inline float exp_of_scaled_logit(float v) {
+#if defined(__CUDA_ARCH__)
+  // Hardware exp2, a few ulp; results below 2^-126 flush to zero, which is a
+  // responsibility of zero either way.
+  float result;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(result) : "f"(v));
+  return result;
 #else
   return ::expf(v);
 #endif
 }
-C10_HOST_DEVICE inline double value_exp(double v) { return ::exp(v); }
+C10_HOST_DEVICE inline double exp_of_scaled_logit(double v) { return ::exp(v); }
+
 C10_HOST_DEVICE inline float value_max(float a, float b) { return a > b ? a : b; }
 C10_HOST_DEVICE inline double value_max(double a, double b) { return a > b ? a : b; }
 
 #if !defined(__CUDACC__)
 template <typename T>
-inline at::vec::Vectorized<T> value_exp(const at::vec::Vectorized<T>& v) {
+inline T logit_scale(const at::vec::Vectorized<T>&) {
+  return T(1);
+}
+template <typename T>
+inline at::vec::Vectorized<T> exp_of_scaled_logit(const at::vec::Vectorized<T>& v) {
   return v.exp_u20();
 }
 template <typename T>
@@ -53,15 +75,18 @@ inline at::vec::Vectorized<T> value_max(const at::vec::Vectorized<T>& a, const a
 template <typename V>
 C10_HOST_DEVICE inline void responsibilities(
     const V& x, int K, const V* mu, const V* inv_sigma, const V* log_prior, V* tau) {
+  const auto scale = logit_scale(x);
   V largest;
   for (int k = 0; k < K; ++k) {
     const V z = (x - mu[k]) * inv_sigma[k];
-    tau[k] = log_prior[k] - V(0.5) * z * z;
+    // scale is a literal after inlining: the multiply folds away in base e.
+    const V prior = (scale == 1) ? log_prior[k] : log_prior[k] * V(scale);
+    tau[k] = prior - V(scale / 2) * z * z;
     largest = (k == 0) ? tau[k] : value_max(largest, tau[k]);
   }
   V total(0);
   for (int k = 0; k < K; ++k) {
-    tau[k] = value_exp(tau[k] - largest);
+    tau[k] = exp_of_scaled_logit(tau[k] - largest);
     total = total + tau[k];
   }
   const V inv_total = V(1) / total;
