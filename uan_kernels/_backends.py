@@ -127,8 +127,10 @@ def resolve(name: str, device: torch.device) -> SimpleNamespace:
 
 
 # Load the compiled extension's backend (and the reference) now, at import:
-# resolving a backend inside a function that torch.compile traces must be a
-# dictionary lookup, since the tracer cannot follow importlib. The Triton
-# backend, slower to import, is loaded when a layer asks for it by name.
+# this registers torch.ops.uan.* for anyone who imports uan_kernels (or says
+# later, on use, why the extension could not load), and resolving a backend
+# inside a function that torch.compile traces must be a dictionary lookup,
+# since the tracer cannot follow importlib. The Triton backend, slower to
+# import, is loaded when a layer asks for it by name.
 _load("cpp")
 _load("reference")
