@@ -42,7 +42,10 @@ def test_paired_round(benchmark, implementations, pass_name, shape_name, dtype, 
     for name in names:
         benchmark.extra_info[name] = {
             "median_ms": paired.seconds(name).median * 1e3,
-            "x_batchnorm2d": None if (r := paired.ratio(name, "batchnorm2d")) is None else asdict(r),
-            "speedup_vs_compiled_reference":
-                None if (r := paired.ratio("uan_reference_compiled", name)) is None else asdict(r),
+            "x_batchnorm2d": _as_dict(paired.ratio(name, "batchnorm2d")),
+            "speedup_vs_compiled_reference": _as_dict(paired.ratio("uan_reference_compiled", name)),
         }
+
+
+def _as_dict(spread):
+    return None if spread is None else asdict(spread)

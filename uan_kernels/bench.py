@@ -116,6 +116,9 @@ class Spread:
         q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
         return cls(statistics.median(values), q1, q3, min(values), max(values))
 
+    def scaled(self, factor: float) -> "Spread":
+        return Spread(*(factor * v for v in (self.median, self.q1, self.q3, self.min, self.max)))
+
 
 class PairedRounds:
     """Times several implementations of one pass under the same load.
@@ -343,7 +346,7 @@ def _measure_case(report: Report, device: torch.device, case: str, shape: tuple,
         for name, module in modules.items():
             seconds = paired.seconds(name)
             row = Row(name, list(shape), str(dtype)[6:], components, pass_name, threads, rounds,
-                      seconds.median * 1e3, Spread(*(1e3 * v for v in asdict(seconds).values())),
+                      seconds.median * 1e3, seconds.scaled(1e3),
                       moved / seconds.median / 1e9, moved / seconds.median / bandwidth,
                       vs_batchnorm=paired.ratio(name, "batchnorm2d"),
                       speedup_vs_compiled_reference=paired.ratio("uan_reference_compiled", name))
