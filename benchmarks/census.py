@@ -67,7 +67,7 @@ They are reported separately as "overhead per thread" (roughly a lower
 bound: loops there count one iteration; called subroutines are included) and
 amortised over the elements each thread handles per block, which depends on
 the grid. Kernels whose work is per (quantity, channel) rather than per
-element (CUDA ``sum_partials``, Triton ``_merge_stats_kernel``) get resources
+element (CUDA ``finalize_*``, Triton ``_merge_stats_kernel``) get resources
 but no per-element count. Static counts assume every lane of a warp is
 active; the last iteration of a thread's range may handle fewer elements.
 
@@ -812,19 +812,23 @@ def _tool_version(command: Sequence[str]) -> str:
 
 CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 
-# The passes of a CUDA training step / eval forward: element_pass<Op> and whether
-# the launch writes partial sums (a.accumulate: one more kernel, sum_partials).
-# From statistics_pass, normalize_pass, backward_reduce_pass and
-# backward_elementwise_pass in csrc/cuda/uan_cuda.cu; mixture_grads is True when
-# mu, log_sigma, mix_logits need gradients (update="weight").
+# The passes of a CUDA training step / eval forward: element_pass<Op>, whether
+# the launch writes partial sums (a.accumulate), and the per-channel kernel
+# that finalizes them (one more launch). From forward_train, forward_eval and
+# backward in csrc/cuda/uan_cuda.cu; mixture_grads is True when mu, log_sigma,
+# mix_logits need gradients (update="weight").
 CUDA_PASSES = (
-    ("statistics", "", "Statistics", True),
-    ("normalize", "", "Normalize", False),
-    ("backward reduce", "", "BackwardReduce", True),
-    ("backward elementwise", "weight", "BackwardElementwise", True),
-    ("backward elementwise", "moving_average", "BackwardElementwise", False),
-    ("eval", "", "Normalize", False),
+    ("statistics", "", "Statistics", True, "finalize_statistics"),
+    ("normalize", "", "Normalize", False, None),
+    ("backward reduce", "", "BackwardReduce", True, "finalize_backward"),
+    ("backward elementwise", "weight", "BackwardElementwise", True, "finalize_parameters"),
+    ("backward elementwise", "moving_average", "BackwardElementwise", False, None),
+    ("eval", "", "Normalize", False, None),
 )
+# Threads per block of the finalize kernels (kThreads unless named here).
+_FINALIZE_THREADS = {"finalize_parameters": "kParameterThreads"}
+# finalize_parameters is templated on the accumulation type, the others on the input type.
+_FINALIZE_ON_ACCUMULATION_TYPE = {"finalize_parameters"}
 _CUDA_TYPE_CODES = {"float32": "f", "bfloat16": "N3c108BFloat16E"}
 
 
@@ -878,9 +882,9 @@ def compile_cuda(workdir: Path) -> CompiledCuda:
 
 @functools.lru_cache(maxsize=None)
 def cuda_constants() -> Dict[str, int]:
-    """kThreads, kWarp, kLoadBytes, kMaxElementsPerThread as defined in the CUDA source."""
+    """kThreads, kWarp, kLoadBytes, kMaxElementsPerThread, kParameterThreads as defined in the CUDA source."""
     text = "\n".join((source.read_text() for source in CUDA_SOURCES))
-    names = ("kThreads", "kWarp", "kLoadBytes", "kMaxElementsPerThread")
+    names = ("kThreads", "kWarp", "kLoadBytes", "kMaxElementsPerThread", "kParameterThreads")
     found = {m.group(1): int(m.group(2)) for m in re.finditer(r"constexpr\s+\w+\s+(\w+)\s*=\s*(\d+)\s*;", text)}
     missing = [n for n in names if n not in found]
     if missing:
@@ -951,10 +955,13 @@ def find_cuda_kernel(functions: Dict[str, Function], op: str, dtype: str, compon
     return matches[0]
 
 
-def _find_sum_partials(functions: Dict[str, Function]) -> Function:
-    matches = [f for name, f in functions.items() if "sum_partials" in name]
+def find_finalize_kernel(functions: Dict[str, Function], kernel: str, dtype: str) -> Function:
+    """The finalize kernel instance for ``dtype``, by its mangled name."""
+    code = _CUDA_TYPE_CODES["float32" if kernel in _FINALIZE_ON_ACCUMULATION_TYPE else dtype]
+    pattern = re.compile(rf"{len(kernel)}{kernel}I{re.escape(code)}E")
+    matches = [f for name, f in functions.items() if pattern.search(name)]
     if len(matches) != 1:
-        raise RuntimeError(f"{len(matches)} sum_partials kernels")
+        raise RuntimeError(f"{len(matches)} kernels match {kernel}<{dtype}>")
     return matches[0]
 
 
@@ -966,7 +973,7 @@ def _flow(function: Function) -> ControlFlow:
 def cuda_rows(case: Case, compiled: CompiledCuda) -> List[KernelResult]:
     """Every kernel of a CUDA training step and eval forward for ``case``."""
     rows = []
-    for pass_name, update, op, accumulate in CUDA_PASSES:
+    for pass_name, update, op, accumulate, finalize in CUDA_PASSES:
         row = KernelResult(case.backend, case.dtype, case.layout, case.components, shape_name(case.shape),
                            pass_name, update, f"element_pass<{op}>", "")
         try:
@@ -993,18 +1000,20 @@ def cuda_rows(case: Case, compiled: CompiledCuda) -> List[KernelResult]:
         except (RuntimeError, KeyError) as err:
             row.error = str(err)
         rows.append(row)
-        if accumulate:
-            rows.append(_sum_partials_row(case, pass_name, update, compiled))
+        if finalize:
+            rows.append(_finalize_row(case, pass_name, update, finalize, compiled))
     return rows
 
 
-def _sum_partials_row(case: Case, pass_name: str, update: str, compiled: CompiledCuda) -> KernelResult:
+def _finalize_row(case: Case, pass_name: str, update: str, kernel: str, compiled: CompiledCuda) -> KernelResult:
+    launch = ("one block, a thread per (component, channel)" if kernel == "finalize_parameters"
+              else "one warp per channel")
     row = KernelResult(case.backend, case.dtype, case.layout, case.components, shape_name(case.shape),
-                       pass_name, update, "sum_partials", "one warp per (quantity, channel)",
-                       per_element_kernel=False)
+                       pass_name, update, kernel, launch, per_element_kernel=False)
     try:
-        _set_resources(row, compiled.resources[_find_sum_partials(compiled.functions).name],
-                       cuda_constants()["kThreads"])
+        threads = cuda_constants()[_FINALIZE_THREADS.get(kernel, "kThreads")]
+        _set_resources(row, compiled.resources[find_finalize_kernel(compiled.functions, kernel, case.dtype).name],
+                       threads)
     except (RuntimeError, KeyError) as err:
         row.error = str(err)
     return row
@@ -1309,11 +1318,16 @@ def summarise(case: Case, rows: List[KernelResult]) -> CaseSummary:
     )
 
 
+# Kernels of the fused operators outside the passes: uan::moving_average_update_
+# (moving_average_kernel, one block) after each training forward of update="moving_average".
+CUDA_UPDATE_KERNELS = {"train moving_average": 1}
+
+
 def cuda_pass_kernels() -> Dict[str, int]:
     """Kernels the CUDA build launches inside the fused operators, per launch-count phase."""
-    kernels: Dict[str, int] = {}
-    for pass_name, update, _, accumulate in CUDA_PASSES:
-        count = 1 + accumulate  # element_pass, and sum_partials when it writes partials
+    kernels: Dict[str, int] = dict(CUDA_UPDATE_KERNELS)
+    for pass_name, update, _, _, finalize in CUDA_PASSES:
+        count = 1 + bool(finalize)  # element_pass, and its finalize kernel
         phases = [f"eval {u}" for u in UPDATES] if pass_name == "eval" else (
             [f"train {update}"] if update else [f"train {u}" for u in UPDATES])
         for phase in phases:
@@ -1355,7 +1369,7 @@ METHOD = [
     "CUDA launch configurations (vector or scalar access, block shape, slices, grid) are decided by host code "
     "that needs a GPU; census.cuda_launch mirrors csrc/cuda/uan_cuda.cu's run_pass and launch_shape. Triton "
     "block sizes and grids come from running the real launchers (tile geometry for 132 SMs).",
-    "Per-(quantity, channel) kernels (CUDA sum_partials, Triton _merge_stats_kernel) are listed for their "
+    "Per-channel kernels (CUDA finalize_*, Triton _merge_stats_kernel) are listed for their "
     "resources and launches, not counted per element.",
 ]
 
@@ -1364,23 +1378,29 @@ def _fmt(value: float) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.0f}"
 
 
+def gpu_launches(count: Dict) -> int:
+    """Kernel launches of a phase on a GPU: ATen ops, Triton kernels and the fused operators' CUDA kernels."""
+    return count["aten_ops"] + count["triton_kernels"] + count.get("cuda_pass_kernels", 0)
+
+
 def _launch_table(counts: Dict) -> List[str]:
     if not counts:
         return ["Not measured (--no-launch-counts)."]
     if "error" in counts:
         return [f"Launch counts unavailable: {counts['error']}"]
     lines = [
-        "| backend | phase | ATen ops | fused operators | Triton kernels | CUDA kernels in fused operators |",
-        "|---|---|---|---|---|---|",
+        "| backend | phase | ATen ops | fused operators | Triton kernels | CUDA kernels in fused operators "
+        "| launches on a GPU |",
+        "|---|---|---|---|---|---|---|",
     ]
     for backend, phases in counts.items():
         if isinstance(phases, str):
-            lines.append(f"| {backend} | unavailable: {phases} | | | | |")
+            lines.append(f"| {backend} | unavailable: {phases} | | | | | |")
             continue
         for phase, c in phases.items():
             cuda = c.get("cuda_pass_kernels")
             lines.append(f"| {backend} | {phase} | {c['aten_ops']} | {c['fused_ops']} | {c['triton_kernels']} | "
-                         f"{'-' if cuda is None else cuda} |")
+                         f"{'-' if cuda is None else cuda} | {gpu_launches(c)} |")
     return lines
 
 
@@ -1392,7 +1412,7 @@ def format_markdown(kernels: List[KernelResult], cases: List[CaseSummary], count
     lines += _launch_table(counts)
     lines += [
         "", "ATen ops: leaf ops that do work (each is at least one kernel on a GPU). Fused operators: uan::* "
-        "calls. CUDA kernels in fused operators: element passes plus sum_partials of a CUDA build (not visible "
+        "calls. CUDA kernels in fused operators: element passes plus finalize kernels of a CUDA build (not visible "
         "on CPU; from census.CUDA_PASSES).",
         "", "## Instructions per element, per pass and per step", "",
         "Steady state / with per-block overhead. W: update='weight', MA: update='moving_average'.", "",

@@ -92,6 +92,20 @@ def intercepted_launches(module, handler: Callable) -> Iterator[None]:
             del kernel.run
 
 
+# A multi-tensor op (aten::_foreach_*) is one kernel launch on CUDA; its CPU
+# fallback runs one op per tensor beneath it, which launch nothing more there.
+FOREACH_PREFIX = "aten::_foreach_"
+
+
+def _inside_foreach(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(FOREACH_PREFIX):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def _kernel_name(kernel) -> str:
     return kernel.fn.__name__
 
@@ -108,7 +122,10 @@ def _count_events(events) -> LaunchCount:
             if parent is None:
                 fused[name] += 1
         elif name.startswith("aten::") and name not in NO_KERNEL_OPS:
-            if not any(child.name.startswith("aten::") for child in event.cpu_children):
+            if _inside_foreach(event):
+                continue
+            if name.startswith(FOREACH_PREFIX) or not any(child.name.startswith("aten::")
+                                                          for child in event.cpu_children):
                 aten[name] += 1
     return LaunchCount(
         aten_ops=sum(aten.values()),

@@ -1,7 +1,8 @@
-// CPU element passes of the UAN operators: at::parallel_for over channels
-// (or blocks of channels for channels-last input) and at::vec SIMD over
-// elements. Each channel's sums are accumulated by one thread in a fixed
-// order, so results are bitwise reproducible for any thread count.
+// CPU passes of the UAN operators: at::parallel_for over channels (or blocks
+// of channels for channels-last input) and at::vec SIMD over elements. Each
+// channel's sums are accumulated by one thread in a fixed order, so results
+// are bitwise reproducible for any thread count. The per-channel constants
+// and the O(K*C) steps between passes are plain loops over uan_constants.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -10,7 +11,9 @@
 #include <torch/library.h>
 
 #include <type_traits>
+#include <vector>
 
+#include "uan_constants.h"
 #include "uan_host.h"
 #include "uan_math.h"
 
@@ -94,10 +97,10 @@ class Walker {
             std::min<int64_t>(rows_, (chunk + 1) * kRowsPerChunk)};
   }
 
-  // Row `row` of a (rows, K, C) table as K vectors: broadcast or per lane.
-  void load_constants(const acc_t* table, int64_t row, int K, const Unit& unit, Vec* out) const {
+  // A (K, C) block of per-component constants as K vectors: broadcast or per lane.
+  void load_constants(const acc_t* block, int K, const Unit& unit, Vec* out) const {
     for (int k = 0; k < K; ++k) {
-      const acc_t* base = table + (row * K + k) * view_.C + unit.first;
+      const acc_t* base = block + k * view_.C + unit.first;
       out[k] = inner_ ? Vec::loadu(base, unit.channels) : Vec(*base);
     }
   }
@@ -151,31 +154,24 @@ class Walker {
   int64_t chunks_;
 };
 
-// Per-chunk slots of (Q, C) float64 sums, added into the pass's output in
-// chunk order once every unit is done.
+// Per-chunk slots of (Q, C) float64 sums, added in chunk order once every
+// unit is done, so the result does not depend on which thread ran which unit.
 class ChunkSums {
  public:
-  ChunkSums(int64_t chunks, at::Tensor& sums) : sums_(sums) {
-    slots_ = chunks == 1 ? sums : at::zeros({chunks, sums.size(0), sums.size(1)}, sums.options());
-  }
-  double* slot(int64_t chunk) { return slots_.mutable_data_ptr<double>() + chunk * sums_.numel(); }
-  void finish() {
-    if (slots_.dim() == 2) {
-      return;
+  ChunkSums(int64_t chunks, int64_t size) : size_(size), slots_(chunks * size, 0.0) {}
+  double* slot(int64_t chunk) { return slots_.data() + chunk * size_; }
+  // Sums over chunks, (Q, C).
+  std::vector<double> totals() const {
+    std::vector<double> out(slots_.begin(), slots_.begin() + size_);
+    for (size_t i = size_; i < slots_.size(); ++i) {
+      out[i % size_] += slots_[i];
     }
-    double* out = sums_.mutable_data_ptr<double>();
-    const double* in = slots_.const_data_ptr<double>();
-    const int64_t size = sums_.numel();
-    for (int64_t chunk = 0; chunk < slots_.size(0); ++chunk) {
-      for (int64_t i = 0; i < size; ++i) {
-        out[i] += in[chunk * size + i];
-      }
-    }
+    return out;
   }
 
  private:
-  at::Tensor& sums_;
-  at::Tensor slots_;
+  int64_t size_;
+  std::vector<double> slots_;
 };
 
 // Per-lane sums of Q quantities: partials in acc_t, totals in float64.
@@ -228,10 +224,10 @@ struct LaneSums {
 
 // Zero the responsibilities of padding lanes so they add nothing to any sum.
 template <typename Vec>
-inline void mask_padding(Vec* tau, int K, int64_t count) {
+inline void mask_padding(Vec* e, int K, int64_t count) {
   if (count < Vec::size()) {
     for (int k = 0; k < K; ++k) {
-      tau[k] = Vec::set(Vec(0), tau[k], count);
+      e[k] = Vec::set(Vec(0), e[k], count);
     }
   }
 }
@@ -245,179 +241,358 @@ void for_units(int64_t units, F&& f) {
   });
 }
 
-void statistics_pass(const at::Tensor& x, const ChannelView& view, const at::Tensor& table, at::Tensor& sums,
-                     at::Tensor& pivot) {
-  const int K = static_cast<int>(table.size(1));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uan_statistics_cpu", [&] {
+// Per-(k, c) constants of one call, rows of (K, C) blocks, and the (C,) pivots.
+template <typename acc_t>
+struct ChannelConstants {
+  int K;
+  int64_t C;
+  std::vector<acc_t> log_lam;  // (K,)
+  std::vector<acc_t> pivot;    // (C,)
+  std::vector<acc_t> rows;     // (kRows, K, C)
+
+  enum Row { kA, kB, kLogPrior, kSlope, kIntercept, kShift, kGammaScale, kMeanCoef, kVarCoef, kVarTerm, kRows };
+
+  ChannelConstants(const Parameters& p) : K(static_cast<int>(p.K)), C(p.mu.size(1)), log_lam(K), pivot(C) {
+    rows.resize(kRows * K * C);
+    log_mixing_weights(p.mix_logits.const_data_ptr<acc_t>(), K, log_lam.data());
+  }
+  acc_t* row(Row r) { return rows.data() + r * K * C; }
+  const acc_t* row(Row r) const { return rows.data() + r * K * C; }
+  acc_t& at(Row r, int k, int64_t c) { return rows[(r * K + k) * C + c]; }
+
+  // Pivots: the channel's first element (training: the statistics pass's
+  // pivot, re-read by the backward), or component 0's mean (given statistics).
+  template <typename scalar_t>
+  void pivot_from_input(const scalar_t* x, const ChannelView& view) {
+    for (int64_t c = 0; c < C; ++c) {
+      pivot[c] = view.N * view.L > 0 ? static_cast<acc_t>(x[c * view.stride_c]) : acc_t(0);
+    }
+  }
+  void pivot_from_mean(const acc_t* mean) {
+    for (int64_t c = 0; c < C; ++c) {
+      pivot[c] = mean[c];
+    }
+  }
+
+  void responsibilities(const Parameters& p) {
+    const acc_t* mu = p.mu.const_data_ptr<acc_t>();
+    const acc_t* log_sigma = p.log_sigma.const_data_ptr<acc_t>();
+    for (int k = 0; k < K; ++k) {
+      for (int64_t c = 0; c < C; ++c) {
+        responsibility_constants(mu[k * C + c], log_sigma[k * C + c], log_lam[k], pivot[c], at(kA, k, c),
+                                 at(kB, k, c), at(kLogPrior, k, c));
+      }
+    }
+  }
+
+  void transform(const Parameters& p, const acc_t* mean, const acc_t* var) {
+    const acc_t* gamma = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* beta = p.bias.defined() ? p.bias.const_data_ptr<acc_t>() : nullptr;
+    for (int k = 0; k < K; ++k) {
+      for (int64_t c = 0; c < C; ++c) {
+        transform_constants(mean[k * C + c], var[k * C + c], log_lam[k], gamma ? gamma[c] : acc_t(1),
+                            beta ? beta[c] : acc_t(0), static_cast<acc_t>(p.eps), pivot[c], at(kSlope, k, c),
+                            at(kIntercept, k, c));
+      }
+    }
+  }
+
+  ResponsibilityConstants<Vectorized<acc_t>> load_responsibilities(const Walker<acc_t>& walker, const Unit& unit,
+                                                                   Vectorized<acc_t> (*out)[kMaxComponents]) const {
+    walker.load_constants(row(kA), K, unit, out[0]);
+    walker.load_constants(row(kB), K, unit, out[1]);
+    walker.load_constants(row(kLogPrior), K, unit, out[2]);
+    return {out[0], out[1], out[2]};
+  }
+};
+
+// Sums per channel of the statistics pass: S_k, sum tau_k (x - p), sum tau_k (x - p)^2.
+template <typename scalar_t, typename acc_t>
+std::vector<double> statistics_pass(const scalar_t* x_data, const Walker<acc_t>& walker,
+                                    const ChannelConstants<acc_t>& consts) {
+  using Vec = Vectorized<acc_t>;
+  const int K = consts.K;
+  ChunkSums chunk_sums(walker.num_chunks(), 3 * K * consts.C);
+  for_units(walker.num_units(), [&](int64_t u) {
+    const Unit unit = walker.unit(u);
+    Vec r[3][kMaxComponents], uk[kMaxComponents], e[kMaxComponents];
+    const auto resp = consts.load_responsibilities(walker, unit, r);
+    const Vec p = walker.load_channel_values(consts.pivot.data(), unit);
+    LaneSums<acc_t> acc(3 * K);
+    walker.for_each_span(
+        unit,
+        [&](int64_t offset, int64_t count) {
+          const Vec xp = load<scalar_t, acc_t>(x_data + offset, count) - p;
+          const Vec inv_total = responsibilities(xp, K, resp, uk, e);
+          mask_padding(e, K, count);
+          const Vec xp_sq = xp * xp;
+          for (int k = 0; k < K; ++k) {
+            const Vec tau = e[k] * inv_total;
+            acc.partial[k] = acc.partial[k] + tau;
+            acc.partial[K + k] = at::vec::fmadd(tau, xp, acc.partial[K + k]);
+            acc.partial[2 * K + k] = at::vec::fmadd(tau, xp_sq, acc.partial[2 * K + k]);
+          }
+        },
+        [&] { acc.flush(); });
+    acc.write(walker, unit, chunk_sums.slot(unit.chunk));
+  });
+  return chunk_sums.totals();
+}
+
+template <typename scalar_t, typename acc_t>
+void normalize_pass(const scalar_t* x_data, scalar_t* out_data, const Walker<acc_t>& walker,
+                    const ChannelConstants<acc_t>& consts) {
+  using Vec = Vectorized<acc_t>;
+  const int K = consts.K;
+  for_units(walker.num_units(), [&](int64_t u) {
+    const Unit unit = walker.unit(u);
+    Vec r[3][kMaxComponents], slope[kMaxComponents], intercept[kMaxComponents], uk[kMaxComponents],
+        e[kMaxComponents];
+    const auto resp = consts.load_responsibilities(walker, unit, r);
+    walker.load_constants(consts.row(ChannelConstants<acc_t>::kSlope), K, unit, slope);
+    walker.load_constants(consts.row(ChannelConstants<acc_t>::kIntercept), K, unit, intercept);
+    const Vec p = walker.load_channel_values(consts.pivot.data(), unit);
+    walker.for_each_span(
+        unit,
+        [&](int64_t offset, int64_t count) {
+          const Vec xp = load<scalar_t, acc_t>(x_data + offset, count) - p;
+          const Vec inv_total = responsibilities(xp, K, resp, uk, e);
+          store<scalar_t, acc_t>(out_data + offset, mixture_transform(xp, K, e, inv_total, slope, intercept), count);
+        },
+        [] {});
+  });
+}
+
+// Sums per channel of the backward reduce pass: sum dout tau_k, sum dout tau_k (x - p), sum dout.
+template <typename scalar_t, typename acc_t>
+std::vector<double> backward_reduce_pass(const scalar_t* g_data, const scalar_t* x_data,
+                                         const Walker<acc_t>& walker, const ChannelConstants<acc_t>& consts) {
+  using Vec = Vectorized<acc_t>;
+  const int K = consts.K;
+  ChunkSums chunk_sums(walker.num_chunks(), (2 * K + 1) * consts.C);
+  for_units(walker.num_units(), [&](int64_t u) {
+    const Unit unit = walker.unit(u);
+    Vec r[3][kMaxComponents], uk[kMaxComponents], e[kMaxComponents];
+    const auto resp = consts.load_responsibilities(walker, unit, r);
+    const Vec p = walker.load_channel_values(consts.pivot.data(), unit);
+    LaneSums<acc_t> acc(2 * K + 1);
+    walker.for_each_span(
+        unit,
+        [&](int64_t offset, int64_t count) {
+          const Vec xp = load<scalar_t, acc_t>(x_data + offset, count) - p;
+          const Vec dout = load<scalar_t, acc_t>(g_data + offset, count);
+          const Vec weight = dout * responsibilities(xp, K, resp, uk, e);
+          for (int k = 0; k < K; ++k) {
+            const Vec weighted = e[k] * weight;
+            acc.partial[k] = acc.partial[k] + weighted;
+            acc.partial[K + k] = at::vec::fmadd(weighted, xp, acc.partial[K + k]);
+          }
+          acc.partial[2 * K] = acc.partial[2 * K] + dout;
+        },
+        [&] { acc.flush(); });
+    acc.write(walker, unit, chunk_sums.slot(unit.chunk));
+  });
+  return chunk_sums.totals();
+}
+
+// Writes grad_input; with mixture_grads returns the sums per channel
+// sum U_k u_k, sum U_k u_k^2, sum U_k (parameter_gradients).
+template <typename scalar_t, typename acc_t>
+std::vector<double> backward_elementwise_pass(const scalar_t* g_data, const scalar_t* x_data, scalar_t* dx_data,
+                                              const Walker<acc_t>& walker, const ChannelConstants<acc_t>& consts,
+                                              bool mixture_grads) {
+  using Vec = Vectorized<acc_t>;
+  using Consts = ChannelConstants<acc_t>;
+  const int K = consts.K;
+  ChunkSums chunk_sums(walker.num_chunks(), mixture_grads ? 3 * K * consts.C : 0);
+  for_units(walker.num_units(), [&](int64_t u) {
+    const Unit unit = walker.unit(u);
+    Vec r[3][kMaxComponents], c[5][kMaxComponents], uk[kMaxComponents], e[kMaxComponents], T[kMaxComponents],
+        U[kMaxComponents];
+    const auto resp = consts.load_responsibilities(walker, unit, r);
+    const typename Consts::Row rows[5] = {Consts::kShift, Consts::kGammaScale, Consts::kMeanCoef, Consts::kVarCoef,
+                                          Consts::kVarTerm};
+    for (int i = 0; i < 5; ++i) {
+      walker.load_constants(consts.row(rows[i]), K, unit, c[i]);
+    }
+    const BackwardConstants<Vec> params{resp, c[0], c[1], c[2], c[3], c[4]};
+    const Vec p = walker.load_channel_values(consts.pivot.data(), unit);
+    LaneSums<acc_t> acc(mixture_grads ? 3 * K : 0);
+    walker.for_each_span(
+        unit,
+        [&](int64_t offset, int64_t count) {
+          const Vec xp = load<scalar_t, acc_t>(x_data + offset, count) - p;
+          const Vec dout = load<scalar_t, acc_t>(g_data + offset, count);
+          const Vec inv_total = responsibilities(xp, K, resp, uk, e);
+          mask_padding(e, K, count);
+          store<scalar_t, acc_t>(dx_data + offset, input_gradient(xp, dout, K, params, uk, e, inv_total, T, U),
+                                 count);
+          if (mixture_grads) {
+            for (int k = 0; k < K; ++k) {
+              const Vec Uu = U[k] * uk[k];
+              acc.partial[k] = acc.partial[k] + Uu;
+              acc.partial[K + k] = at::vec::fmadd(Uu, uk[k], acc.partial[K + k]);
+              acc.partial[2 * K + k] = acc.partial[2 * K + k] + U[k];
+            }
+          }
+        },
+        [&] { acc.flush(); });
+    acc.write(walker, unit, chunk_sums.slot(unit.chunk));
+  });
+  return chunk_sums.totals();
+}
+
+void forward_train(const at::Tensor& x, const ChannelView& view, const Parameters& p, at::Tensor& out,
+                   at::Tensor& mean, at::Tensor& var, at::Tensor& mass) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uan_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    using Vec = Vectorized<acc_t>;
     const Walker<acc_t> walker(view);
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-    const acc_t* consts = table.const_data_ptr<acc_t>();
-    ChunkSums chunk_sums(walker.num_chunks(), sums);
-    acc_t* pivot_data = pivot.mutable_data_ptr<acc_t>();
-    if (view.N == 0 || view.L == 0) {
+    ChannelConstants<acc_t> consts(p);
+    consts.pivot_from_input(x_data, view);
+    consts.responsibilities(p);
+    const std::vector<double> sums = statistics_pass<scalar_t>(x_data, walker, consts);
+    const int K = consts.K;
+    const int64_t C = consts.C;
+    acc_t* mean_data = mean.mutable_data_ptr<acc_t>();
+    acc_t* var_data = var.mutable_data_ptr<acc_t>();
+    acc_t* mass_data = mass.mutable_data_ptr<acc_t>();
+    for (int k = 0; k < K; ++k) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = k * C + c;
+        statistics_from_sums(sums[i], sums[(K + k) * C + c], sums[(2 * K + k) * C + c],
+                             static_cast<double>(consts.pivot[c]), mean_data[i], var_data[i], mass_data[i]);
+      }
+    }
+    consts.transform(p, mean_data, var_data);
+    normalize_pass<scalar_t>(x_data, out.mutable_data_ptr<scalar_t>(), walker, consts);
+  });
+}
+
+void forward_eval(const at::Tensor& x, const ChannelView& view, const Parameters& p, const at::Tensor& mean,
+                  const at::Tensor& var, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uan_forward_eval_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    ChannelConstants<acc_t> consts(p);
+    const acc_t* mean_data = mean.const_data_ptr<acc_t>();
+    std::vector<acc_t> mixture_var;
+    if (!var.defined()) {
+      const acc_t* log_sigma = p.log_sigma.const_data_ptr<acc_t>();
+      mixture_var.resize(p.log_sigma.numel());
+      for (size_t i = 0; i < mixture_var.size(); ++i) {
+        mixture_var[i] = mixture_variance(log_sigma[i]);
+      }
+    }
+    consts.pivot_from_mean(mean_data);
+    consts.responsibilities(p);
+    consts.transform(p, mean_data, var.defined() ? var.const_data_ptr<acc_t>() : mixture_var.data());
+    normalize_pass<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), Walker<acc_t>(view),
+                             consts);
+  });
+}
+
+void backward(const at::Tensor& grad_out, const at::Tensor& x, const ChannelView& view, const Parameters& p,
+              const at::Tensor& mean, const at::Tensor& var, const at::Tensor& mass, bool mixture_grads,
+              at::Tensor& grad_input, at::Tensor& grad_mu, at::Tensor& grad_log_sigma, at::Tensor& grad_mix_logits,
+              at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uan_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Consts = ChannelConstants<acc_t>;
+    const Walker<acc_t> walker(view);
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    const scalar_t* g_data = grad_out.const_data_ptr<scalar_t>();
+    const acc_t* mean_data = mean.const_data_ptr<acc_t>();
+    const acc_t* var_data = var.const_data_ptr<acc_t>();
+    const bool batch_statistics = mass.defined();
+    Consts consts(p);
+    if (batch_statistics) {
+      consts.pivot_from_input(x_data, view);
+    } else {
+      consts.pivot_from_mean(mean_data);
+    }
+    consts.responsibilities(p);
+    const std::vector<double> sums = backward_reduce_pass<scalar_t>(g_data, x_data, walker, consts);
+
+    const int K = consts.K;
+    const int64_t C = consts.C;
+    const acc_t* gamma = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* mass_data = batch_statistics ? mass.const_data_ptr<acc_t>() : nullptr;
+    acc_t* grad_weight_data = grad_weight.mutable_data_ptr<acc_t>();
+    acc_t* grad_bias_data = grad_bias.mutable_data_ptr<acc_t>();
+    std::vector<double> grad_log_lam(K, 0.0);
+    for (int64_t c = 0; c < C; ++c) {
+      double weight_sum = 0.0;
+      for (int k = 0; k < K; ++k) {
+        const int64_t i = k * C + c;
+        const auto b = component_backward(sums[i], sums[(K + k) * C + c], mean_data[i], var_data[i],
+                                          consts.log_lam[k], gamma ? gamma[c] : acc_t(1), static_cast<acc_t>(p.eps),
+                                          consts.pivot[c], batch_statistics, mass_data ? mass_data[i] : acc_t(0));
+        consts.at(Consts::kShift, k, c) = b.shift;
+        consts.at(Consts::kGammaScale, k, c) = b.gamma_scale;
+        consts.at(Consts::kMeanCoef, k, c) = b.mean_coef;
+        consts.at(Consts::kVarCoef, k, c) = b.var_coef;
+        consts.at(Consts::kVarTerm, k, c) = b.var_term;
+        weight_sum += b.grad_weight_term;
+        grad_log_lam[k] += b.log_lam_direct;
+      }
+      grad_weight_data[c] = static_cast<acc_t>(weight_sum);
+      grad_bias_data[c] = static_cast<acc_t>(sums[2 * K * C + c]);
+    }
+
+    const std::vector<double> param_sums = backward_elementwise_pass<scalar_t>(
+        g_data, x_data, grad_input.mutable_data_ptr<scalar_t>(), walker, consts, mixture_grads);
+    acc_t* grad_mu_data = grad_mu.mutable_data_ptr<acc_t>();
+    acc_t* grad_log_sigma_data = grad_log_sigma.mutable_data_ptr<acc_t>();
+    acc_t* grad_mix_logits_data = grad_mix_logits.mutable_data_ptr<acc_t>();
+    if (!mixture_grads) {
+      std::fill_n(grad_mu_data, K * C, acc_t(0));
+      std::fill_n(grad_log_sigma_data, K * C, acc_t(0));
+      std::fill_n(grad_mix_logits_data, K, acc_t(0));
       return;
     }
-    for_units(walker.num_units(), [&](int64_t u) {
-      const Unit unit = walker.unit(u);
-      Vec mu[kMaxComponents], inv_sigma[kMaxComponents], log_prior[kMaxComponents], tau[kMaxComponents];
-      walker.load_constants(consts, kMu, K, unit, mu);
-      walker.load_constants(consts, kInvSigma, K, unit, inv_sigma);
-      walker.load_constants(consts, kLogPrior, K, unit, log_prior);
-      // The channel's first element: sums are taken around it so that
-      // |mean| >> std loses no precision (see statistics_from_sums).
-      const int64_t first = unit.first * view.stride_c;
-      const Vec p = walker.channels_inner() ? load<scalar_t, acc_t>(x_data + first, unit.channels)
-                                            : Vec(static_cast<acc_t>(x_data[first]));
-      if (unit.chunk == 0) {
-        p.store(pivot_data + unit.first, unit.channels);
+    for (int k = 0; k < K; ++k) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = k * C + c;
+        const double R3 = param_sums[(2 * K + k) * C + c];
+        parameter_gradients(param_sums[i], param_sums[(K + k) * C + c], R3, consts.at(Consts::kA, k, c),
+                            grad_mu_data[i], grad_log_sigma_data[i]);
+        grad_log_lam[k] += R3;
       }
-      LaneSums<acc_t> acc(3 * K);
-      walker.for_each_span(
-          unit,
-          [&](int64_t offset, int64_t count) {
-            const Vec xv = load<scalar_t, acc_t>(x_data + offset, count);
-            responsibilities(xv, K, mu, inv_sigma, log_prior, tau);
-            mask_padding(tau, K, count);
-            const Vec d = xv - p;
-            const Vec dd = d * d;
-            for (int k = 0; k < K; ++k) {
-              acc.partial[k] = acc.partial[k] + tau[k];
-              acc.partial[K + k] = at::vec::fmadd(tau[k], d, acc.partial[K + k]);
-              acc.partial[2 * K + k] = at::vec::fmadd(tau[k], dd, acc.partial[2 * K + k]);
-            }
-          },
-          [&] { acc.flush(); });
-      acc.write(walker, unit, chunk_sums.slot(unit.chunk));
-    });
-    chunk_sums.finish();
+    }
+    mix_logits_gradient(consts.log_lam.data(), grad_log_lam.data(), K, grad_mix_logits_data);
   });
 }
 
-void normalize_pass(const at::Tensor& x, const ChannelView& view, const at::Tensor& table, const at::Tensor& gamma,
-                    const at::Tensor& beta, at::Tensor& out) {
-  const int K = static_cast<int>(table.size(1));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uan_normalize_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using Vec = Vectorized<acc_t>;
-    const Walker<acc_t> walker(view);
-    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-    scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-    const acc_t* consts = table.const_data_ptr<acc_t>();
-    for_units(walker.num_units(), [&](int64_t u) {
-      const Unit unit = walker.unit(u);
-      Vec mu[kMaxComponents], inv_sigma[kMaxComponents], log_prior[kMaxComponents], center[kMaxComponents],
-          scale[kMaxComponents], tau[kMaxComponents];
-      walker.load_constants(consts, kMu, K, unit, mu);
-      walker.load_constants(consts, kInvSigma, K, unit, inv_sigma);
-      walker.load_constants(consts, kLogPrior, K, unit, log_prior);
-      walker.load_constants(consts, kCenter, K, unit, center);
-      walker.load_constants(consts, kScale, K, unit, scale);
-      const Vec g = walker.load_channel_values(gamma.const_data_ptr<acc_t>(), unit);
-      const Vec b = walker.load_channel_values(beta.const_data_ptr<acc_t>(), unit);
-      walker.for_each_span(
-          unit,
-          [&](int64_t offset, int64_t count) {
-            const Vec xv = load<scalar_t, acc_t>(x_data + offset, count);
-            responsibilities(xv, K, mu, inv_sigma, log_prior, tau);
-            const Vec y = mixture_transform(xv, K, tau, center, scale);
-            store<scalar_t, acc_t>(out_data + offset, at::vec::fmadd(g, y, b), count);
-          },
-          [] {});
-    });
-  });
-}
-
-void backward_reduce_pass(const at::Tensor& grad_out, const at::Tensor& x, const ChannelView& view,
-                          const at::Tensor& table, at::Tensor& sums) {
-  const int K = static_cast<int>(table.size(1));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uan_backward_reduce_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using Vec = Vectorized<acc_t>;
-    const Walker<acc_t> walker(view);
-    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-    const scalar_t* g_data = grad_out.const_data_ptr<scalar_t>();
-    const acc_t* consts = table.const_data_ptr<acc_t>();
-    ChunkSums chunk_sums(walker.num_chunks(), sums);
-    for_units(walker.num_units(), [&](int64_t u) {
-      const Unit unit = walker.unit(u);
-      Vec mu[kMaxComponents], inv_sigma[kMaxComponents], log_prior[kMaxComponents], center[kMaxComponents],
-          tau[kMaxComponents];
-      walker.load_constants(consts, kMu, K, unit, mu);
-      walker.load_constants(consts, kInvSigma, K, unit, inv_sigma);
-      walker.load_constants(consts, kLogPrior, K, unit, log_prior);
-      walker.load_constants(consts, kCenter, K, unit, center);
-      LaneSums<acc_t> acc(2 * K + 1);
-      walker.for_each_span(
-          unit,
-          [&](int64_t offset, int64_t count) {
-            const Vec xv = load<scalar_t, acc_t>(x_data + offset, count);
-            const Vec dout = load<scalar_t, acc_t>(g_data + offset, count);
-            responsibilities(xv, K, mu, inv_sigma, log_prior, tau);
-            for (int k = 0; k < K; ++k) {
-              const Vec weighted = tau[k] * dout;
-              acc.partial[k] = acc.partial[k] + weighted;
-              acc.partial[K + k] = at::vec::fmadd(weighted, xv - center[k], acc.partial[K + k]);
-            }
-            acc.partial[2 * K] = acc.partial[2 * K] + dout;
-          },
-          [&] { acc.flush(); });
-      acc.write(walker, unit, chunk_sums.slot(unit.chunk));
-    });
-    chunk_sums.finish();
-  });
-}
-
-void backward_elementwise_pass(const at::Tensor& grad_out, const at::Tensor& x, const ChannelView& view,
-                               const at::Tensor& table, const at::Tensor& gamma, bool mixture_grads,
-                               at::Tensor& grad_input, at::Tensor& sums) {
-  const int K = static_cast<int>(table.size(1));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uan_backward_elementwise_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using Vec = Vectorized<acc_t>;
-    const Walker<acc_t> walker(view);
-    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-    const scalar_t* g_data = grad_out.const_data_ptr<scalar_t>();
-    scalar_t* dx_data = grad_input.mutable_data_ptr<scalar_t>();
-    const acc_t* consts = table.const_data_ptr<acc_t>();
-    ChunkSums chunk_sums(walker.num_chunks(), sums);
-    for_units(walker.num_units(), [&](int64_t u) {
-      const Unit unit = walker.unit(u);
-      Vec c[kBackwardRows][kMaxComponents], tau[kMaxComponents], U[kMaxComponents], w[kMaxComponents];
-      for (int64_t row = 0; row < kBackwardRows; ++row) {
-        walker.load_constants(consts, row, K, unit, c[row]);
+void moving_average_update(at::Tensor& mu, at::Tensor& log_sigma, at::Tensor& mix_logits, const at::Tensor& mean,
+                           const at::Tensor& var, const at::Tensor& mass, int64_t values_per_channel,
+                           double momentum) {
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "uan_moving_average_update_cpu", [&] {
+    const int K = static_cast<int>(mu.size(0));
+    const int64_t C = mu.size(1);
+    const scalar_t* mass_data = mass.const_data_ptr<scalar_t>();
+    double mass_sums[kMaxComponents] = {};
+    int64_t finite_channels = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      if (finite_channel(mass_data, K, C, c)) {
+        ++finite_channels;
+        for (int k = 0; k < K; ++k) {
+          mass_sums[k] += static_cast<double>(mass_data[k * C + c]);
+        }
       }
-      const BackwardComponents<Vec> params{c[kMu], c[kInvSigma], c[kLogPrior], c[kCenter],
-                                           c[kScale], c[kMeanCoef], c[kVarCoef], c[kVar]};
-      const Vec gam = walker.load_channel_values(gamma.const_data_ptr<acc_t>(), unit);
-      LaneSums<acc_t> acc(mixture_grads ? 3 * K : 0);
-      walker.for_each_span(
-          unit,
-          [&](int64_t offset, int64_t count) {
-            const Vec xv = load<scalar_t, acc_t>(x_data + offset, count);
-            const Vec g = gam * load<scalar_t, acc_t>(g_data + offset, count);
-            responsibilities(xv, K, params.mu, params.inv_sigma, params.log_prior, tau);
-            mask_padding(tau, K, count);
-            const Vec dx = input_gradient(xv, g, K, params, tau, U, w);
-            store<scalar_t, acc_t>(dx_data + offset, dx, count);
-            if (mixture_grads) {
-              for (int k = 0; k < K; ++k) {
-                acc.partial[k] = at::vec::fmadd(U[k], w[k], acc.partial[k]);
-                const Vec z_sq_minus_one = at::vec::fmsub(w[k], xv - params.mu[k], Vec(1));
-                acc.partial[K + k] = at::vec::fmadd(U[k], z_sq_minus_one, acc.partial[K + k]);
-                acc.partial[2 * K + k] = acc.partial[2 * K + k] + U[k];
-              }
-            }
-          },
-          [&] { acc.flush(); });
-      acc.write(walker, unit, chunk_sums.slot(unit.chunk));
-    });
-    chunk_sums.finish();
+    }
+    scalar_t* mu_data = mu.mutable_data_ptr<scalar_t>();
+    scalar_t* log_sigma_data = log_sigma.mutable_data_ptr<scalar_t>();
+    const scalar_t* mean_data = mean.const_data_ptr<scalar_t>();
+    const scalar_t* var_data = var.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < K * C; ++i) {
+      moving_average_component(mu_data[i], log_sigma_data[i], mean_data[i], var_data[i], momentum);
+    }
+    moving_average_mixing_weights(mix_logits.mutable_data_ptr<scalar_t>(), mass_sums, finite_channels,
+                                  values_per_channel, K, momentum);
   });
 }
 
-constexpr ElementPasses kCpuPasses{statistics_pass, normalize_pass, backward_reduce_pass, backward_elementwise_pass};
+constexpr DevicePasses kCpuPasses{forward_train, forward_eval, backward, moving_average_update};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma, const at::Tensor& mix_logits,
@@ -432,11 +607,24 @@ at::Tensor forward_stats_cpu(const at::Tensor& x, const at::Tensor& mu, const at
   return forward_with_statistics(kCpuPasses, x, mu, log_sigma, mix_logits, mean, var, weight, bias, eps);
 }
 
+at::Tensor forward_mixture_cpu(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma,
+                               const at::Tensor& mix_logits, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, double eps) {
+  return forward_with_mixture_statistics(kCpuPasses, x, mu, log_sigma, mix_logits, weight, bias, eps);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma,
     const at::Tensor& mix_logits, const std::optional<at::Tensor>& weight, const at::Tensor& mean,
     const at::Tensor& var, const std::optional<at::Tensor>& mass, double eps, bool mixture_grads) {
-  return backward(kCpuPasses, grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, eps, mixture_grads);
+  return uan::backward(kCpuPasses, grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, eps,
+                       mixture_grads);
+}
+
+void moving_average_update_cpu(at::Tensor& mu, at::Tensor& log_sigma, at::Tensor& mix_logits, const at::Tensor& mean,
+                               const at::Tensor& var, const at::Tensor& mass, int64_t values_per_channel,
+                               double momentum) {
+  uan::moving_average_update(kCpuPasses, mu, log_sigma, mix_logits, mean, var, mass, values_per_channel, momentum);
 }
 
 }  // namespace
@@ -444,7 +632,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_IMPL(uan, CPU, m) {
   m.impl("forward", &forward_cpu);
   m.impl("forward.stats", &forward_stats_cpu);
+  m.impl("forward.mixture", &forward_mixture_cpu);
   m.impl("backward", &backward_cpu);
+  m.impl("moving_average_update_", &moving_average_update_cpu);
 }
 
 }  // namespace uan

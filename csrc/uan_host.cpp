@@ -39,10 +39,6 @@ at::Tensor like_input_layout(const at::Tensor& grad_output, const at::Tensor& x)
   return grad_output.contiguous(format);
 }
 
-at::ScalarType accumulate_type(at::ScalarType input_type) {
-  return input_type == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 static void check_parameter(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
                             at::ScalarType dtype, at::IntArrayRef shape) {
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but input is on ", x.device());
@@ -88,134 +84,70 @@ void check_statistics(const char* op, const char* name, const at::Tensor& stat, 
               stat.scalar_type());
 }
 
-at::Tensor responsibility_constants(
-    const at::Tensor& mu, const at::Tensor& log_sigma, const at::Tensor& mix_logits, at::ScalarType acc) {
-  const auto log_sigma_acc = log_sigma.to(acc);
-  const auto log_lam = at::log_softmax(mix_logits.to(acc), 0).unsqueeze(1);
-  return at::stack({mu.to(acc), at::exp(-log_sigma_acc), log_lam - log_sigma_acc}).contiguous();
-}
-
-at::Tensor normalization_scale(const at::Tensor& mix_logits, const at::Tensor& var, double eps) {
-  const auto inv_sqrt_lam = at::exp(-0.5 * at::log_softmax(mix_logits.to(var.scalar_type()), 0)).unsqueeze(1);
-  return inv_sqrt_lam * at::rsqrt(var + eps);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> statistics_from_sums(
-    const at::Tensor& sums, const at::Tensor& pivot, at::ScalarType acc) {
-  // m = (p S + T1) / (S + e),  v = (T2 - 2 (m - p) T1 + (m - p)^2 S) / (S + e):
-  // exact rewrites of SPEC's sums around the per-channel pivot p.
-  const auto mass = sums[0];
-  const auto shifted = sums[1];
-  const auto shifted_sq = sums[2];
-  const auto denom = mass + kMassEps;
-  const auto p = pivot.to(sums.scalar_type()).unsqueeze(0);
-  const auto mean = (p * mass + shifted) / denom;
-  const auto offset = mean - p;
-  const auto var = ((shifted_sq - 2.0 * offset * shifted + offset * offset * mass) / denom).clamp_min(0.0);
-  return {mean.to(acc), var.to(acc), mass.to(acc)};
-}
-
-at::Tensor gamma_or_ones(const std::optional<at::Tensor>& weight, int64_t C, const at::Tensor& like,
-                         at::ScalarType acc) {
-  return weight.has_value() ? weight->to(acc).contiguous() : at::ones({C}, like.options().dtype(acc));
-}
-
-at::Tensor beta_or_zeros(const std::optional<at::Tensor>& bias, int64_t C, const at::Tensor& like,
-                         at::ScalarType acc) {
-  return bias.has_value() ? bias->to(acc).contiguous() : at::zeros({C}, like.options().dtype(acc));
-}
-
-BackwardPlan plan_backward(
-    const at::Tensor& responsibility_consts, const at::Tensor& mix_logits, const at::Tensor& center,
-    const at::Tensor& var, const std::optional<at::Tensor>& mass, const at::Tensor& gamma,
-    const at::Tensor& dout_tau, const at::Tensor& dout_tau_d, double eps) {
-  const auto acc = dout_tau.scalar_type();
-  const auto var_acc = var.to(acc);
-  const auto scale = normalization_scale(mix_logits, var_acc, eps);
-  // The gradient reaching y is g = gamma * dout, so A_k = gamma sum dout tau, B_k = gamma sum dout tau d.
-  const auto A = gamma.unsqueeze(0) * dout_tau;
-  const auto B = gamma.unsqueeze(0) * dout_tau_d;
-  at::Tensor mean_coef;
-  at::Tensor var_coef;
-  if (mass.has_value()) {
-    // Gm_k = -a_k r_k A_k, Gv_k = -a_k r_k^3 B_k / 2 (DESIGN.md), divided by S_k.
-    const auto inv_std_sq = 1.0 / (var_acc + eps);
-    const auto denom = mass->to(acc) + kMassEps;
-    mean_coef = -scale * A / denom;
-    var_coef = -0.5 * scale * inv_std_sq * B / denom;
-  } else {
-    mean_coef = at::zeros_like(scale);
-    var_coef = at::zeros_like(scale);
-  }
-  BackwardPlan plan;
-  plan.element_constants =
-      at::cat({responsibility_consts.to(acc), at::stack({center.to(acc), scale, mean_coef, var_coef, var_acc})})
-          .contiguous();
-  plan.grad_weight = (scale * dout_tau_d).sum(0);
-  plan.log_lam_direct = (-0.5 * scale * B).sum(1);
-  return plan;
-}
-
-at::Tensor mix_logits_gradient(const at::Tensor& mix_logits, const at::Tensor& grad_log_lam) {
-  const auto lam = at::softmax(mix_logits.to(grad_log_lam.scalar_type()), 0);
-  return grad_log_lam - lam * grad_log_lam.sum();
-}
-
 }  // namespace uan
 
 namespace uan {
 
-static at::Tensor forward_table(const at::Tensor& responsibility_consts, const at::Tensor& mix_logits,
-                                const at::Tensor& center, const at::Tensor& var, double eps) {
-  const auto acc = responsibility_consts.scalar_type();
-  const auto var_acc = var.to(acc);
-  return at::cat({responsibility_consts, at::stack({center.to(acc), normalization_scale(mix_logits, var_acc, eps)})})
-      .contiguous();
+static Parameters parameters(const at::Tensor& mu, const at::Tensor& log_sigma, const at::Tensor& mix_logits,
+                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                             double eps) {
+  return {mu.contiguous(),
+          log_sigma.contiguous(),
+          mix_logits.contiguous(),
+          weight.has_value() ? weight->contiguous() : at::Tensor(),
+          bias.has_value() ? bias->contiguous() : at::Tensor(),
+          eps,
+          mu.size(0)};
 }
 
-static at::Tensor normalize(const ElementPasses& passes, const at::Tensor& xd, const ChannelView& view,
-                            const at::Tensor& table, const std::optional<at::Tensor>& weight,
-                            const std::optional<at::Tensor>& bias) {
-  const auto acc = table.scalar_type();
-  auto out = at::empty_like(xd);
-  passes.normalize(xd, view, table, gamma_or_ones(weight, view.C, xd, acc), beta_or_zeros(bias, view.C, xd, acc),
-                   out);
-  return out;
-}
+// (K, C) statistics in the accumulation type, contiguous (no copy when they already are).
+static at::Tensor statistic(const at::Tensor& stat, at::ScalarType acc) { return stat.to(acc).contiguous(); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_training(
-    const ElementPasses& passes, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma,
+    const DevicePasses& passes, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma,
     const at::Tensor& mix_logits, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     double eps) {
   check_forward_inputs("uan::forward", x, mu, log_sigma, mix_logits, weight, bias, eps);
   const auto xd = dense_input(x);
   const auto view = channel_view(xd);
-  const auto acc = accumulate_type(x.scalar_type());
-  const int64_t K = mu.size(0);
-  const auto consts = responsibility_constants(mu, log_sigma, mix_logits, acc);
-  auto sums = at::zeros({3 * K, view.C}, xd.options().dtype(at::kDouble));
-  auto pivot = at::zeros({view.C}, xd.options().dtype(acc));
-  passes.statistics(xd, view, consts, sums, pivot);
-  auto [mean, var, mass] = statistics_from_sums(sums.view({3, K, view.C}), pivot, acc);
-  auto out = normalize(passes, xd, view, forward_table(consts, mix_logits, mean, var, eps), weight, bias);
+  const auto p = parameters(mu, log_sigma, mix_logits, weight, bias, eps);
+  auto out = at::empty_like(xd);
+  auto mean = at::empty_like(p.mu);
+  auto var = at::empty_like(p.mu);
+  auto mass = at::empty_like(p.mu);
+  passes.forward_train(xd, view, p, out, mean, var, mass);
   return {out, mean, var, mass};
 }
 
 at::Tensor forward_with_statistics(
-    const ElementPasses& passes, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma,
+    const DevicePasses& passes, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma,
     const at::Tensor& mix_logits, const at::Tensor& mean, const at::Tensor& var,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
   check_forward_inputs("uan::forward", x, mu, log_sigma, mix_logits, weight, bias, eps);
   check_statistics("uan::forward", "mean", mean, mu);
   check_statistics("uan::forward", "var", var, mu);
   const auto xd = dense_input(x);
-  const auto acc = accumulate_type(x.scalar_type());
-  const auto consts = responsibility_constants(mu, log_sigma, mix_logits, acc);
-  return normalize(passes, xd, channel_view(xd), forward_table(consts, mix_logits, mean, var, eps), weight, bias);
+  const auto acc = mu.scalar_type();
+  auto out = at::empty_like(xd);
+  passes.forward_eval(xd, channel_view(xd), parameters(mu, log_sigma, mix_logits, weight, bias, eps),
+                      statistic(mean, acc), statistic(var, acc), out);
+  return out;
+}
+
+at::Tensor forward_with_mixture_statistics(
+    const DevicePasses& passes, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma,
+    const at::Tensor& mix_logits, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    double eps) {
+  check_forward_inputs("uan::forward", x, mu, log_sigma, mix_logits, weight, bias, eps);
+  const auto xd = dense_input(x);
+  const auto p = parameters(mu, log_sigma, mix_logits, weight, bias, eps);
+  auto out = at::empty_like(xd);
+  passes.forward_eval(xd, channel_view(xd), p, p.mu, at::Tensor(), out);
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
-    const ElementPasses& passes, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mu,
+    const DevicePasses& passes, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mu,
     const at::Tensor& log_sigma, const at::Tensor& mix_logits, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& mass, double eps,
     bool mixture_grads) {
@@ -231,44 +163,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   const auto xd = dense_input(x);
   const auto gd = like_input_layout(grad_out, xd);
-  const auto view = channel_view(xd);
-  const auto acc = accumulate_type(x.scalar_type());
-  const int64_t K = mu.size(0);
-  const int64_t C = view.C;
-  const auto param_options = mu.options();
-  const auto consts = responsibility_constants(mu, log_sigma, mix_logits, acc);
-  const auto center = mean.to(acc);
-
-  auto reduce_sums = at::zeros({2 * K + 1, C}, xd.options().dtype(at::kDouble));
-  passes.backward_reduce(gd, xd, view, forward_table(consts, mix_logits, center, var, eps), reduce_sums);
-  const auto reduced = reduce_sums.to(acc);
-  const auto gamma = gamma_or_ones(weight, C, xd, acc);
-  const auto plan = plan_backward(consts, mix_logits, center, var, mass, gamma, reduced.narrow(0, 0, K),
-                                  reduced.narrow(0, K, K), eps);
-
+  const auto acc = mu.scalar_type();
+  const auto p = parameters(mu, log_sigma, mix_logits, weight, std::nullopt, eps);
   auto grad_input = at::empty_like(xd);
-  auto param_sums = at::zeros({3 * K, C}, xd.options().dtype(at::kDouble));
-  passes.backward_elementwise(gd, xd, view, plan.element_constants, gamma, mixture_grads, grad_input, param_sums);
+  auto grad_mu = at::empty_like(p.mu);
+  auto grad_log_sigma = at::empty_like(p.mu);
+  auto grad_mix_logits = at::empty_like(p.mix_logits);
+  auto grad_weight = at::empty({x.size(1)}, p.mu.options());
+  auto grad_bias = at::empty({x.size(1)}, p.mu.options());
+  passes.backward(gd, xd, channel_view(xd), p, statistic(mean, acc), statistic(var, acc),
+                  mass.has_value() ? statistic(*mass, acc) : at::Tensor(), mixture_grads, grad_input, grad_mu,
+                  grad_log_sigma, grad_mix_logits, grad_weight, grad_bias);
+  return {grad_input, grad_mu, grad_log_sigma, grad_mix_logits, grad_weight, grad_bias};
+}
 
-  at::Tensor grad_mu, grad_log_sigma, grad_mix_logits;
-  if (mixture_grads) {
-    // Copies, not views: the outputs must not alias one another.
-    const auto sums = param_sums.to(acc);
-    grad_mu = sums.narrow(0, 0, K).to(param_options.dtype(), false, true);
-    grad_log_sigma = sums.narrow(0, K, K).to(param_options.dtype(), false, true);
-    const auto grad_log_lam = sums.narrow(0, 2 * K, K).sum(1) + plan.log_lam_direct;
-    grad_mix_logits = mix_logits_gradient(mix_logits, grad_log_lam).to(param_options.dtype());
-  } else {
-    grad_mu = at::zeros_like(mu);
-    grad_log_sigma = at::zeros_like(log_sigma);
-    grad_mix_logits = at::zeros_like(mix_logits);
+void moving_average_update(const DevicePasses& passes, at::Tensor& mu, at::Tensor& log_sigma,
+                           at::Tensor& mix_logits, const at::Tensor& mean, const at::Tensor& var,
+                           const at::Tensor& mass, int64_t values_per_channel, double momentum) {
+  const char* op = "uan::moving_average_update_";
+  TORCH_CHECK(mu.dim() == 2, op, ": mu must have shape (K, C), got ", mu.sizes());
+  const int64_t K = mu.size(0);
+  TORCH_CHECK(K >= 1 && K <= kMaxComponents, op, ": 1 to ", kMaxComponents, " components are supported, got K = ",
+              K);
+  const auto dtype = mu.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op, ": mu must be float32 or float64, got ", dtype);
+  check_parameter(op, "log_sigma", log_sigma, mu, dtype, mu.sizes());
+  check_parameter(op, "mix_logits", mix_logits, mu, dtype, {K});
+  for (const auto* t : {&mu, &log_sigma, &mix_logits}) {
+    TORCH_CHECK(t->is_contiguous(), op, ": the mixture buffers must be contiguous");
   }
-  return {grad_input,
-          grad_mu,
-          grad_log_sigma,
-          grad_mix_logits,
-          plan.grad_weight.to(param_options.dtype()),
-          reduced[2 * K].to(param_options.dtype(), false, true)};
+  check_statistics(op, "mean", mean, mu);
+  check_statistics(op, "var", var, mu);
+  check_statistics(op, "mass", mass, mu);
+  TORCH_CHECK(values_per_channel >= 1, op, ": values_per_channel must be >= 1, got ", values_per_channel);
+  TORCH_CHECK(std::isfinite(momentum) && momentum >= 0.0 && momentum <= 1.0, op,
+              ": momentum must be in [0, 1], got ", momentum);
+  passes.moving_average_update(mu, log_sigma, mix_logits, statistic(mean, dtype), statistic(var, dtype),
+                               statistic(mass, dtype), values_per_channel, momentum);
 }
 
 }  // namespace uan

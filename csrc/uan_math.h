@@ -2,9 +2,13 @@
 //
 // Every function is generic over the value type V: a scalar (float, double) on
 // CUDA, or at::vec::Vectorized<float|double> on CPU, where one call handles a
-// whole SIMD vector of elements. The per-component constants are arrays of K
-// values of the same type (broadcast or per-lane). K is a runtime argument;
-// CUDA callers pass a compile-time constant so the loops unroll into registers.
+// whole SIMD vector of elements. Per-component constants are arrays of K
+// values of the same type (broadcast or per lane), computed once per channel
+// by uan_constants.h so that the element loops do only what depends on the
+// element. Elements enter as xp = x - p, x shifted by a per-channel pivot p
+// (an element of the channel, or a component mean): with |mean| >> std the
+// shifted values stay small and float32 keeps its precision. CUDA callers
+// pass a compile-time K so the loops unroll into registers.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -25,8 +29,8 @@ constexpr double kMassEps = 1e-12;
 // Logits are kept in the base of each value type's fastest exponential: base
 // 2 for float on CUDA (exp2 is one MUFU.EX2 instruction, where expf also
 // scales its argument and fixes up denormals), base e elsewhere. Softmax does
-// not depend on the base as long as logits and exponential agree, and the
-// scale multiplies per-component constants, which the element loops hoist.
+// not depend on the base as long as logits and exponential agree; the scale
+// is folded into the per-component constants.
 C10_HOST_DEVICE inline float logit_scale(float) {
 #if defined(__CUDA_ARCH__)
   return 1.4426950408889634f;  // log2(e)
@@ -50,10 +54,39 @@ C10_HOST_DEVICE inline float exp_of_scaled_logit(float v) {
 }
 C10_HOST_DEVICE inline double exp_of_scaled_logit(double v) { return ::exp(v); }
 
+// 1 / v for the softmax denominator, which is >= 1 (the largest term is 1).
+C10_HOST_DEVICE inline float softmax_reciprocal(float v) {
+#if defined(__CUDA_ARCH__)
+  // One MUFU.RCP, within 1 ulp; v >= 1 is never denormal.
+  float result;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(result) : "f"(v));
+  return result;
+#else
+  return 1.0f / v;
+#endif
+}
+C10_HOST_DEVICE inline double softmax_reciprocal(double v) { return 1.0 / v; }
+
 C10_HOST_DEVICE inline float value_max(float a, float b) { return a > b ? a : b; }
 C10_HOST_DEVICE inline double value_max(double a, double b) { return a > b ? a : b; }
 
+// a * b + c and c - a * b in one rounding (nvcc contracts the scalar forms).
+C10_HOST_DEVICE inline float madd(float a, float b, float c) { return a * b + c; }
+C10_HOST_DEVICE inline double madd(double a, double b, double c) { return a * b + c; }
+C10_HOST_DEVICE inline float nmadd(float a, float b, float c) { return c - a * b; }
+C10_HOST_DEVICE inline double nmadd(double a, double b, double c) { return c - a * b; }
+
 #if !defined(__CUDACC__)
+template <typename T>
+inline at::vec::Vectorized<T> madd(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b,
+                                   const at::vec::Vectorized<T>& c) {
+  return at::vec::fmadd(a, b, c);
+}
+template <typename T>
+inline at::vec::Vectorized<T> nmadd(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b,
+                                    const at::vec::Vectorized<T>& c) {
+  return at::vec::fnmadd(a, b, c);
+}
 template <typename T>
 inline T logit_scale(const at::vec::Vectorized<T>&) {
   return T(1);
@@ -63,90 +96,106 @@ inline at::vec::Vectorized<T> exp_of_scaled_logit(const at::vec::Vectorized<T>& 
   return v.exp_u20();
 }
 template <typename T>
+inline at::vec::Vectorized<T> softmax_reciprocal(const at::vec::Vectorized<T>& v) {
+  return v.reciprocal();
+}
+template <typename T>
 inline at::vec::Vectorized<T> value_max(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
   return at::vec::maximum(a, b);
 }
 #endif
 
-// Responsibilities of one element (paper eq. 7):
-//   logit_k = log_prior_k - ((x - mu_k) * inv_sigma_k)^2 / 2,   tau = softmax_k(logit)
-// with log_prior_k = log(lam_k) - log(sigma_k). The max is subtracted, so an
-// element far from every component still gets a valid distribution.
+// Responsibilities of one element (paper eq. 7), on folded constants:
+//   u_k = a_k xp + b_k = (x - mu_k) / sigma_k * sqrt(s / 2)
+//   logit_k * s = lp_k - u_k^2,   e_k = exp_s(logit_k * s - max),   tau_k = e_k / sum_j e_j
+// with s = logit_scale. Fills u and the unnormalised e; returns 1 / sum e, so
+// callers multiply once instead of normalising every component. The max is
+// subtracted, so an element far from every component still gets a valid
+// distribution.
 template <typename V>
-C10_HOST_DEVICE inline void responsibilities(
-    const V& x, int K, const V* mu, const V* inv_sigma, const V* log_prior, V* tau) {
-  const auto scale = logit_scale(x);
+struct ResponsibilityConstants {
+  const V* a;
+  const V* b;
+  const V* lp;
+};
+
+template <typename V>
+C10_HOST_DEVICE inline V responsibilities(const V& xp, int K, const ResponsibilityConstants<V>& r, V* u, V* e) {
   V largest;
   for (int k = 0; k < K; ++k) {
-    const V z = (x - mu[k]) * inv_sigma[k];
-    // scale is a literal after inlining: the multiply folds away in base e.
-    const V prior = (scale == 1) ? log_prior[k] : log_prior[k] * V(scale);
-    tau[k] = prior - V(scale / 2) * z * z;
-    largest = (k == 0) ? tau[k] : value_max(largest, tau[k]);
+    u[k] = madd(r.a[k], xp, r.b[k]);
+    e[k] = nmadd(u[k], u[k], r.lp[k]);
+    largest = (k == 0) ? e[k] : value_max(largest, e[k]);
   }
   V total(0);
   for (int k = 0; k < K; ++k) {
-    tau[k] = exp_of_scaled_logit(tau[k] - largest);
-    total = total + tau[k];
+    e[k] = exp_of_scaled_logit(e[k] - largest);
+    total = total + e[k];
   }
-  const V inv_total = V(1) / total;
-  for (int k = 0; k < K; ++k) {
-    tau[k] = tau[k] * inv_total;
-  }
+  return softmax_reciprocal(total);
 }
 
-// Mixture transform (eq. 9): y = sum_k tau_k * scale_k * (x - center_k), with
-// scale_k = lam_k^-1/2 (var_k + eps)^-1/2 and center_k the component's mean.
+// Mixture transform with the affine folded in (eq. 9):
+//   out = sum_k tau_k (slope_k xp + intercept_k)
+// where slope_k = gamma scale_k, intercept_k = beta - slope_k (center_k - p)
+// and scale_k = lam_k^-1/2 (var_k + eps)^-1/2; sum_k tau_k = 1 carries beta.
 template <typename V>
-C10_HOST_DEVICE inline V mixture_transform(const V& x, int K, const V* tau, const V* center, const V* scale) {
+C10_HOST_DEVICE inline V mixture_transform(const V& xp, int K, const V* e, const V& inv_total, const V* slope,
+                                           const V* intercept) {
   V y(0);
   for (int k = 0; k < K; ++k) {
-    y = y + tau[k] * scale[k] * (x - center[k]);
+    y = madd(e[k], madd(slope[k], xp, intercept[k]), y);
   }
-  return y;
+  return y * inv_total;
 }
 
-// Per-(k, c) constants of the elementwise backward (DESIGN.md). With g the
-// gradient reaching y and d_k = x - center_k:
-//   T_k  = d_k (g scale_k + mean_coef_k) + var_coef_k (d_k^2 - var_k)     (dL/dtau_k)
-//   U_k  = tau_k (T_k - sum_j tau_j T_j)                                  (dL/dlogit_k)
-//   dx   = sum_k tau_k (g scale_k + mean_coef_k + 2 var_coef_k d_k)
-//          - sum_k U_k (x - mu_k) inv_sigma_k^2
-// mean_coef_k = Gm_k / S_k and var_coef_k = Gv_k / S_k carry the dependence of
-// the batch statistics on x; both are zero in eval (given statistics).
+// Per-(k, c) constants of the elementwise backward (DESIGN.md), about the
+// pivot: with g = gamma dout, d_k = x - center_k = xp - shift_k,
+//   h_k = g scale_k + mean_coef_k + var_coef_k d_k
+//   T_k = d_k (g scale_k + mean_coef_k) + var_coef_k (d_k^2 - var_k) = d_k h_k - var_term_k   (dL/dtau_k)
+//   U_k = tau_k (T_k - sum_j tau_j T_j)                                                     (dL/dlogit_k)
+//   dx  = sum_k tau_k (h_k + var_coef_k d_k) - sum_k U_k (x - mu_k) / sigma_k^2
+// gamma_scale_k = gamma scale_k; mean_coef_k = Gm_k / S_k and var_coef_k =
+// Gv_k / S_k carry the dependence of the batch statistics on x (both zero in
+// eval); var_term_k = var_coef_k var_k.
 template <typename V>
-struct BackwardComponents {
-  const V* mu;
-  const V* inv_sigma;
-  const V* log_prior;
-  const V* center;
-  const V* scale;
+struct BackwardConstants {
+  ResponsibilityConstants<V> resp;
+  const V* shift;
+  const V* gamma_scale;
   const V* mean_coef;
   const V* var_coef;
-  const V* var;
+  const V* var_term;
 };
 
-// Gradient with respect to x of one element; fills U_k (dL/dlogit_k) and
-// w_k = (x - mu_k) inv_sigma_k^2 for the mixture-parameter sums
-// (d mu_k += U_k w_k, d log_sigma_k += U_k (z_k^2 - 1), d log lam_k += U_k).
+// (x - mu_k) / sigma_k^2 = u_k a_k * 2 / s: callers sum U_k u_k a_k and scale once.
 template <typename V>
-C10_HOST_DEVICE inline V input_gradient(
-    const V& x, const V& g, int K, const BackwardComponents<V>& p, const V* tau, V* U, V* w) {
-  V tau_dot_t(0);
-  V dx(0);
+C10_HOST_DEVICE inline auto input_gradient_scale(const V& v) {
+  return decltype(logit_scale(v))(2) / logit_scale(v);
+}
+
+// Gradient with respect to x of one element. Fills U_k (dL/dlogit_k) and
+// uses u_k, e_k, inv_total from responsibilities(). The mixture-parameter
+// sums are U_k u_k, U_k u_k^2 and U_k (see uan_constants.h, parameter_gradients).
+template <typename V>
+C10_HOST_DEVICE inline V input_gradient(const V& xp, const V& dout, int K, const BackwardConstants<V>& p,
+                                        const V* u, const V* e, const V& inv_total, V* T, V* U) {
+  V e_dot_t(0);
+  V direct(0);
   for (int k = 0; k < K; ++k) {
-    const V d = x - p.center[k];
-    const V direct = g * p.scale[k] + p.mean_coef[k];
-    U[k] = d * direct + p.var_coef[k] * (d * d - p.var[k]);
-    tau_dot_t = tau_dot_t + tau[k] * U[k];
-    dx = dx + tau[k] * (direct + V(2) * p.var_coef[k] * d);
+    const V d = xp - p.shift[k];
+    const V h = madd(dout, p.gamma_scale[k], madd(p.var_coef[k], d, p.mean_coef[k]));
+    T[k] = madd(d, h, -p.var_term[k]);
+    e_dot_t = madd(e[k], T[k], e_dot_t);
+    direct = madd(e[k], madd(p.var_coef[k], d, h), direct);
   }
+  const V tau_dot_t = e_dot_t * inv_total;
+  V curvature(0);
   for (int k = 0; k < K; ++k) {
-    U[k] = tau[k] * (U[k] - tau_dot_t);
-    w[k] = (x - p.mu[k]) * p.inv_sigma[k] * p.inv_sigma[k];
-    dx = dx - U[k] * w[k];
+    U[k] = (e[k] * inv_total) * (T[k] - tau_dot_t);
+    curvature = madd(U[k] * u[k], p.resp.a[k], curvature);
   }
-  return dx;
+  return nmadd(curvature, V(input_gradient_scale(xp)), direct * inv_total);
 }
 
 }  // namespace uan

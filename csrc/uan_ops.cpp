@@ -20,7 +20,12 @@ TORCH_LIBRARY(uan, m) {
   m.def(
       "forward.stats(Tensor input, Tensor mu, Tensor log_sigma, Tensor mix_logits, Tensor mean, Tensor var, "
       "Tensor? weight, Tensor? bias, float eps) -> Tensor output");
-  // Backward of both: with mass, mean/var are the batch statistics of the
+  // Eval forward of update="moving_average": the mixture's own statistics,
+  // (mean, var) = (mu, exp(2 log_sigma)), taken as constants.
+  m.def(
+      "forward.mixture(Tensor input, Tensor mu, Tensor log_sigma, Tensor mix_logits, Tensor? weight, Tensor? bias, "
+      "float eps) -> Tensor output");
+  // Backward of all three: with mass, mean/var are the batch statistics of the
   // training forward (their dependence on input is differentiated); without,
   // they are given constants. mixture_grads=False skips the mu, log_sigma and
   // mix_logits sums (buffers in update="moving_average") and returns zeros.
@@ -29,4 +34,9 @@ TORCH_LIBRARY(uan, m) {
       "Tensor? weight, Tensor mean, Tensor var, Tensor? mass, float eps, bool mixture_grads) -> "
       "(Tensor grad_input, Tensor grad_mu, Tensor grad_log_sigma, Tensor grad_mix_logits, Tensor grad_weight, "
       "Tensor grad_bias)");
+  // update="moving_average": one online EM step of the mixture buffers from a
+  // training forward's (K, C) mean, var and mass, in place, in float64 (SPEC).
+  m.def(
+      "moving_average_update_(Tensor(a!) mu, Tensor(b!) log_sigma, Tensor(c!) mix_logits, Tensor mean, "
+      "Tensor var, Tensor mass, int values_per_channel, float momentum) -> ()");
 }

@@ -18,19 +18,20 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import census as census_tool  # noqa: E402
 import launch_counts  # noqa: E402
 
 # (ATen ops, fused operators, Triton kernels) per phase, measured with torch 2.13.
 EXPECTED_LAUNCHES = {
     "cpp": {
-        "train weight": (89, 2, 0),
-        "train moving_average": (113, 2, 0),
-        "eval weight": (13, 1, 0),
-        "eval moving_average": (15, 1, 0),
+        "train weight": (1, 2, 0),
+        "train moving_average": (1, 3, 0),
+        "eval weight": (0, 1, 0),
+        "eval moving_average": (0, 1, 0),
     },
     "triton": {
-        "train weight": (35, 2, 5),
-        "train moving_average": (56, 2, 5),
+        "train weight": (34, 2, 5),
+        "train moving_average": (25, 3, 5),
         "eval weight": (0, 1, 1),
         "eval moving_average": (2, 1, 1),
     },
@@ -61,6 +62,20 @@ def test_launch_counts_are_pinned_and_stable(counts, backend):
         assert launch_counts.count_phase(backend, phase) == count  # stable from one step to the next
     if backend == "triton":
         assert counts["triton"]["train weight"].triton_by_name == TRITON_TRAIN_KERNELS
+
+
+# Kernel launches on a GPU per training step (forward + backward, autograd's
+# accumulation into .grad not counted) and per eval forward.
+LAUNCH_TARGETS = {"train weight": 8, "train moving_average": 8, "eval weight": 1, "eval moving_average": 1}
+
+
+def test_cuda_backend_meets_the_launch_targets(counts):
+    if isinstance(counts["cpp"], str):
+        pytest.skip(counts["cpp"])
+    kernels = census_tool.cuda_pass_kernels()
+    for phase, target in LAUNCH_TARGETS.items():
+        launches = census_tool.gpu_launches({**vars(counts["cpp"][phase]), "cuda_pass_kernels": kernels[phase]})
+        assert launches <= target, (phase, launches, counts["cpp"][phase])
 
 
 def test_views_and_allocations_are_not_counted(counts):

@@ -51,6 +51,78 @@ def test_opcheck_backward(training, mixture_grads):
     )
 
 
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_forward_mixture_is_forward_stats_with_the_mixture_statistics(requires_grad):
+    x, (mu, log_sigma, mix_logits, weight, bias) = op_args(requires_grad=requires_grad)
+    args = (x, mu, log_sigma, mix_logits, weight, bias, 1e-5)
+    torch.library.opcheck(torch.ops.uan.forward.mixture, args)
+    out = torch.ops.uan.forward.mixture(*args)
+    expected = torch.ops.uan.forward.stats(x, mu, log_sigma, mix_logits, mu.detach(),
+                                           torch.exp(2 * log_sigma.detach()), weight, bias, 1e-5)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    if requires_grad:
+        # Gradients through tau only: the statistics are constants, as in forward.stats.
+        grads = torch.autograd.grad(out.sum(), (x, mu, log_sigma, mix_logits, weight, bias))
+        expected_grads = torch.autograd.grad(expected.sum(), (x, mu, log_sigma, mix_logits, weight, bias))
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _moving_average_case(dtype, non_finite_channel=None):
+    x, (mu, log_sigma, mix_logits, _, _) = op_args(dtype=dtype, shape=(6, 5, 4, 3))
+    if non_finite_channel is not None:
+        x[2, non_finite_channel, 1, 1] = float("nan")
+    _, mean, var, mass = ops.train_forward(x, mu, log_sigma, mix_logits)
+    return (mu, log_sigma, mix_logits), (mean, var, mass), x.numel() // x.shape[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("non_finite_channel", [None, 3])
+def test_moving_average_update_op_matches_the_python_step(dtype, non_finite_channel):
+    from uan_kernels.functional import moving_average_update_
+
+    buffers, stats, values = _moving_average_case(dtype, non_finite_channel)
+    fused = [b.clone() for b in buffers]
+    python = [b.clone() for b in buffers]
+    torch.ops.uan.moving_average_update_(*fused, *stats, values, 0.1)
+    moving_average_update_(*python, *stats, values, 0.1)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    for got, want in zip(fused, python):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True)
+    if non_finite_channel is not None:
+        # Only the channel with the NaN is poisoned; the shared mixing weights stay finite.
+        assert torch.isfinite(fused[2]).all()
+        others = [c for c in range(5) if c != non_finite_channel]
+        assert torch.isfinite(fused[0][:, others]).all() and torch.isnan(fused[0][:, non_finite_channel]).all()
+
+
+def test_opcheck_moving_average_update():
+    buffers, stats, values = _moving_average_case(torch.float64)
+    torch.library.opcheck(torch.ops.uan.moving_average_update_.default, (*buffers, *stats, values, 0.1))
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: a.update(momentum=1.5), "momentum must be in"),
+        (lambda a: a.update(values=0), "values_per_channel"),
+        (lambda a: a.update(mix_logits=a["mix_logits"][:2]), "mix_logits must have shape"),
+        (lambda a: a.update(mass=a["mass"][:, :2]), "mass must have shape"),
+        (lambda a: a.update(log_sigma=a["log_sigma"].t().contiguous().t()), "contiguous"),
+    ],
+)
+def test_moving_average_update_rejects_bad_arguments_and_writes_nothing(mutate, message):
+    (mu, log_sigma, mix_logits), (mean, var, mass), values = _moving_average_case(torch.float64)
+    args = dict(mu=mu, log_sigma=log_sigma, mix_logits=mix_logits, mean=mean, var=var, mass=mass, values=values,
+                momentum=0.1)
+    mutate(args)
+    before = [t.clone() for t in (args["mu"], args["log_sigma"], args["mix_logits"])]
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.uan.moving_average_update_(*args.values())
+    for t, b in zip((args["mu"], args["log_sigma"], args["mix_logits"]), before):
+        assert torch.equal(t, b)
+
+
 def test_opcheck_empty_batch():
     x, (mu, log_sigma, mix_logits, weight, bias) = op_args(shape=(0, 4, 3))
     torch.library.opcheck(torch.ops.uan.forward.default, (x, mu, log_sigma, mix_logits, weight, bias, 1e-5))

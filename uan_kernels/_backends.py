@@ -1,6 +1,8 @@
 """Backend registry: which implementations of the UAN function can run where.
 
-Every backend exposes the same two differentiable functions:
+Every backend exposes the same two differentiable functions (and may add
+``eval_mixture(x, mu, log_sigma, mix_logits, weight, bias, eps) -> out``, the
+eval of update="moving_average" without computing its variances first):
 
 * ``train(x, mu, log_sigma, mix_logits, weight, bias, eps) -> (out, mean, var, mass)``
 * ``eval(x, mu, log_sigma, mix_logits, mean, var, weight, bias, eps) -> out``
@@ -39,7 +41,8 @@ def check_backend_name(name: str) -> None:
 
 def _load_cpp() -> SimpleNamespace:
     ops = importlib.import_module("uan_kernels.ops")
-    return SimpleNamespace(train=ops.train_forward, eval=ops.eval_forward, module=ops)
+    return SimpleNamespace(train=ops.train_forward, eval=ops.eval_forward, eval_mixture=ops.eval_mixture_forward,
+                           module=ops)
 
 
 def _load_triton() -> SimpleNamespace:
@@ -89,6 +92,12 @@ def unavailable_reason(name: str, device: torch.device | None = None) -> str:
     if name == "triton" and device.type not in ("cpu", "cuda"):
         return f"backend 'triton' does not support device type {device.type!r}"
     return ""
+
+
+def has_fused_moving_average_update(device: torch.device) -> bool:
+    """Whether ``torch.ops.uan.moving_average_update_`` has a kernel for ``device`` (one launch)."""
+    backend, _ = _load("cpp")
+    return backend is not None and backend.module.has_kernel(device.type)
 
 
 def check_available(name: str) -> None:

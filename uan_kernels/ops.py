@@ -5,8 +5,12 @@ defines the schemas and the CPU (and, when built with CUDA, CUDA) kernels:
 
 * ``uan::forward(input, mu, log_sigma, mix_logits, weight?, bias?, eps) -> (output, mean, var, mass)``
 * ``uan::forward.stats(input, mu, log_sigma, mix_logits, mean, var, weight?, bias?, eps) -> output``
+* ``uan::forward.mixture(input, mu, log_sigma, mix_logits, weight?, bias?, eps) -> output``: eval of
+  update="moving_average", with the mixture's own statistics (mu, exp(2 log_sigma)) as constants
 * ``uan::backward(grad_output, input, mu, log_sigma, mix_logits, weight?, mean, var, mass?, eps, mixture_grads)
   -> (grad_input, grad_mu, grad_log_sigma, grad_mix_logits, grad_weight, grad_bias)``
+* ``uan::moving_average_update_(mu!, log_sigma!, mix_logits!, mean, var, mass, values_per_channel, momentum)``:
+  one online EM step of the mixture buffers (update="moving_average"), in place
 """
 from __future__ import annotations
 
@@ -56,6 +60,11 @@ def _forward_stats_fake(input, mu, log_sigma, mix_logits, mean, var, weight, bia
     return _output_like(input)
 
 
+@torch.library.register_fake("uan::forward.mixture")
+def _forward_mixture_fake(input, mu, log_sigma, mix_logits, weight, bias, eps):
+    return _output_like(input)
+
+
 @torch.library.register_fake("uan::backward")
 def _backward_fake(grad_output, input, mu, log_sigma, mix_logits, weight, mean, var, mass, eps, mixture_grads):
     channels = input.shape[1]
@@ -67,6 +76,11 @@ def _backward_fake(grad_output, input, mu, log_sigma, mix_logits, weight, mean, 
         mu.new_empty((channels,)),
         mu.new_empty((channels,)),
     )
+
+
+@torch.library.register_fake("uan::moving_average_update_")
+def _moving_average_update_fake(mu, log_sigma, mix_logits, mean, var, mass, values_per_channel, momentum):
+    return None
 
 
 def _grads(ctx, saved, grad_output: Optional[Tensor], mass: Optional[Tensor]):
@@ -86,6 +100,8 @@ def _setup_forward(ctx, inputs, output):
     input, mu, log_sigma, mix_logits, weight, bias, eps = inputs
     _, mean, var, mass = output
     ctx.mark_non_differentiable(mean, var, mass)
+    # No zero-filled gradients for the statistics (three launches per step).
+    ctx.set_materialize_grads(False)
     ctx.has_weight = weight is not None
     ctx.has_bias = bias is not None
     ctx.eps = eps
@@ -119,8 +135,29 @@ def _backward_forward_stats(ctx, grad_output):
     )
 
 
+def _setup_forward_mixture(ctx, inputs, output):
+    input, mu, log_sigma, mix_logits, weight, bias, eps = inputs
+    ctx.has_weight = weight is not None
+    ctx.has_bias = bias is not None
+    ctx.eps = eps
+    ctx.save_for_backward(input, mu, log_sigma, mix_logits, weight)
+
+
+def _backward_forward_mixture(ctx, grad_output):
+    input, mu, log_sigma, mix_logits, weight = ctx.saved_tensors
+    # The statistics (mu, sigma^2) are constants of the eval transform, as in forward.stats.
+    saved = (input, mu, log_sigma, mix_logits, weight, mu.detach(), torch.exp(2.0 * log_sigma.detach()))
+    grad_input, grad_mu, grad_log_sigma, grad_mix, grad_weight, grad_bias = _grads(ctx, saved, grad_output, None)
+    return (
+        grad_input, grad_mu, grad_log_sigma, grad_mix,
+        grad_weight if ctx.has_weight else None, grad_bias if ctx.has_bias else None, None,
+    )
+
+
 torch.library.register_autograd("uan::forward", _backward_forward, setup_context=_setup_forward)
 torch.library.register_autograd("uan::forward.stats", _backward_forward_stats, setup_context=_setup_forward_stats)
+torch.library.register_autograd("uan::forward.mixture", _backward_forward_mixture,
+                                setup_context=_setup_forward_mixture)
 
 
 def train_forward(input, mu, log_sigma, mix_logits, weight=None, bias=None, eps=1e-5):
@@ -131,3 +168,8 @@ def train_forward(input, mu, log_sigma, mix_logits, weight=None, bias=None, eps=
 def eval_forward(input, mu, log_sigma, mix_logits, mean, var, weight=None, bias=None, eps=1e-5):
     """Eval forward with given statistics through ``torch.ops.uan.forward.stats``."""
     return torch.ops.uan.forward.stats(input, mu, log_sigma, mix_logits, mean, var, weight, bias, eps)
+
+
+def eval_mixture_forward(input, mu, log_sigma, mix_logits, weight=None, bias=None, eps=1e-5):
+    """Eval forward of update="moving_average" through ``torch.ops.uan.forward.mixture``."""
+    return torch.ops.uan.forward.mixture(input, mu, log_sigma, mix_logits, weight, bias, eps)

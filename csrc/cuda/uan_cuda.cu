@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "uan_constants.h"
 #include "uan_host.h"
 #include "uan_math.h"
 
@@ -59,24 +60,53 @@ struct PassArgs {
   const scalar_t* x;
   const scalar_t* grad_out;
   scalar_t* out;             // normalize: output; backward_elementwise: grad_input
-  const acc_t* table;        // (rows, K, C) per-component constants (TableRow)
-  const acc_t* gamma;
-  const acc_t* beta;
-  acc_t* pivot;              // statistics: (C,) pivot written
+  const acc_t* mu;           // (K, C)
+  const acc_t* log_sigma;    // (K, C)
+  const acc_t* mix_logits;   // (K,)
+  const acc_t* mean;         // (K, C) statistics (normalize; pivot of given statistics)
+  const acc_t* var;          // (K, C); null: the mixture's own, exp(2 log_sigma)
+  const acc_t* gamma;        // (C,) or null (1)
+  const acc_t* beta;         // (C,) or null (0)
+  const acc_t* table;        // backward_elementwise: (kBackwardRows, K, C) from finalize_backward
   double* partials;          // (Q, C, slices) per-unit sums
+  acc_t eps;
+  bool pivot_from_mean;      // pivot mean[0, c] (given statistics), else x[0, c, 0]
   int64_t N, C, L, stride_n, stride_c, stride_l;
   int64_t slices, chunk;     // each channel's N*L elements in `slices` ranges of `chunk`
   bool vector;               // channel-major with 16-byte aligned rows: 16-byte accesses
   bool accumulate;           // whether this launch writes partials
 };
 
-template <int K, typename acc_t>
-__device__ __forceinline__ void load_row(const acc_t* table, int row, int64_t C, int64_t c, acc_t (&out)[K]) {
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    out[k] = table[(static_cast<int64_t>(row) * K + k) * C + c];
-  }
+// Rows of the backward elementwise constants written by finalize_backward.
+enum BackwardRow : int { kShift = 0, kGammaScale, kMeanCoef, kVarCoef, kVarTerm, kBackwardRows };
+
+// The channel's pivot: its first element x[0, c, 0] in training (the
+// statistics pass's, which the backward reads again), component 0's mean for
+// given statistics. Passes run only when the channel has elements.
+template <typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> channel_pivot(const PassArgs<scalar_t>& a, int64_t c) {
+  return a.pivot_from_mean ? a.mean[c] : static_cast<at::opmath_type<scalar_t>>(a.x[c * a.stride_c]);
 }
+
+// A channel's folded responsibility constants (uan_constants.h), computed in
+// each unit's prologue from the parameters: no constants step between passes.
+template <int K, typename acc_t>
+struct ChannelResponsibilities {
+  acc_t a[K], b[K], lp[K], log_lam[K];
+  acc_t pivot;
+
+  template <typename scalar_t>
+  __device__ __forceinline__ void load(const PassArgs<scalar_t>& args, int64_t c) {
+    log_mixing_weights(args.mix_logits, K, log_lam);
+    pivot = channel_pivot(args, c);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      responsibility_constants(args.mu[k * args.C + c], args.log_sigma[k * args.C + c], log_lam[k], pivot, a[k],
+                               b[k], lp[k]);
+    }
+  }
+  __device__ __forceinline__ ResponsibilityConstants<acc_t> constants() const { return {a, b, lp}; }
+};
 
 // ---- The four passes: per-channel constants and per-element work. ----------
 // element() returns the value written to `out` (ignored when kWritesOutput is
@@ -89,31 +119,23 @@ struct Statistics {
   static constexpr int kQuantities = 3 * K;
   static constexpr bool kReadsGrad = false;
   static constexpr bool kWritesOutput = false;
-  acc_t mu[K], inv_sigma[K], log_prior[K];
-  acc_t pivot;
+  ChannelResponsibilities<K, acc_t> r;
 
-  __device__ void load(const PassArgs<scalar_t>& a, int64_t c, bool leader) {
-    load_row(a.table, kMu, a.C, c, mu);
-    load_row(a.table, kInvSigma, a.C, c, inv_sigma);
-    load_row(a.table, kLogPrior, a.C, c, log_prior);
-    // Sums are taken around the channel's first element x[0, c, 0], as on CPU
-    // (statistics_from_sums undoes the shift), so |mean| >> std stays accurate.
-    pivot = static_cast<acc_t>(a.x[c * a.stride_c]);
-    if (leader) {
-      a.pivot[c] = pivot;
-    }
-  }
+  __device__ void load(const PassArgs<scalar_t>& a, int64_t c) { r.load(a, c); }
 
+  // Sums about the pivot (statistics_from_sums undoes the shift), so
+  // |mean| >> std stays accurate.
   __device__ acc_t element(acc_t x, acc_t, acc_t* partial) const {
-    acc_t tau[K];
-    responsibilities(x, K, mu, inv_sigma, log_prior, tau);
-    const acc_t d = x - pivot;
-    const acc_t dd = d * d;
+    acc_t u[K], e[K];
+    const acc_t xp = x - r.pivot;
+    const acc_t inv_total = responsibilities(xp, K, r.constants(), u, e);
+    const acc_t xp_sq = xp * xp;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      partial[k] += tau[k];
-      partial[K + k] += tau[k] * d;
-      partial[2 * K + k] += tau[k] * dd;
+      const acc_t tau = e[k] * inv_total;
+      partial[k] += tau;
+      partial[K + k] += tau * xp;
+      partial[2 * K + k] += tau * xp_sq;
     }
     return acc_t(0);
   }
@@ -126,23 +148,26 @@ struct Normalize {
   static constexpr int kQuantities = 0;
   static constexpr bool kReadsGrad = false;
   static constexpr bool kWritesOutput = true;
-  acc_t mu[K], inv_sigma[K], log_prior[K], center[K], scale[K];
-  acc_t gamma, beta;
+  ChannelResponsibilities<K, acc_t> r;
+  acc_t slope[K], intercept[K];
 
-  __device__ void load(const PassArgs<scalar_t>& a, int64_t c, bool) {
-    load_row(a.table, kMu, a.C, c, mu);
-    load_row(a.table, kInvSigma, a.C, c, inv_sigma);
-    load_row(a.table, kLogPrior, a.C, c, log_prior);
-    load_row(a.table, kCenter, a.C, c, center);
-    load_row(a.table, kScale, a.C, c, scale);
-    gamma = a.gamma[c];
-    beta = a.beta[c];
+  __device__ void load(const PassArgs<scalar_t>& a, int64_t c) {
+    r.load(a, c);
+    const acc_t gamma = a.gamma ? a.gamma[c] : acc_t(1);
+    const acc_t beta = a.beta ? a.beta[c] : acc_t(0);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t i = k * a.C + c;
+      transform_constants(a.mean[i], a.var ? a.var[i] : mixture_variance(a.log_sigma[i]), r.log_lam[k], gamma, beta,
+                          a.eps, r.pivot, slope[k], intercept[k]);
+    }
   }
 
   __device__ acc_t element(acc_t x, acc_t, acc_t*) const {
-    acc_t tau[K];
-    responsibilities(x, K, mu, inv_sigma, log_prior, tau);
-    return gamma * mixture_transform(x, K, tau, center, scale) + beta;
+    acc_t u[K], e[K];
+    const acc_t xp = x - r.pivot;
+    const acc_t inv_total = responsibilities(xp, K, r.constants(), u, e);
+    return mixture_transform(xp, K, e, inv_total, slope, intercept);
   }
 };
 
@@ -153,23 +178,20 @@ struct BackwardReduce {
   static constexpr int kQuantities = 2 * K + 1;
   static constexpr bool kReadsGrad = true;
   static constexpr bool kWritesOutput = false;
-  acc_t mu[K], inv_sigma[K], log_prior[K], center[K];
+  ChannelResponsibilities<K, acc_t> r;
 
-  __device__ void load(const PassArgs<scalar_t>& a, int64_t c, bool) {
-    load_row(a.table, kMu, a.C, c, mu);
-    load_row(a.table, kInvSigma, a.C, c, inv_sigma);
-    load_row(a.table, kLogPrior, a.C, c, log_prior);
-    load_row(a.table, kCenter, a.C, c, center);
-  }
+  __device__ void load(const PassArgs<scalar_t>& a, int64_t c) { r.load(a, c); }
 
+  // sum dout tau_k, sum dout tau_k (x - p), sum dout.
   __device__ acc_t element(acc_t x, acc_t dout, acc_t* partial) const {
-    acc_t tau[K];
-    responsibilities(x, K, mu, inv_sigma, log_prior, tau);
+    acc_t u[K], e[K];
+    const acc_t xp = x - r.pivot;
+    const acc_t weight = dout * responsibilities(xp, K, r.constants(), u, e);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const acc_t weighted = tau[k] * dout;
+      const acc_t weighted = e[k] * weight;
       partial[k] += weighted;
-      partial[K + k] += weighted * (x - center[k]);
+      partial[K + k] += weighted * xp;
     }
     partial[2 * K] += dout;
     return acc_t(0);
@@ -183,30 +205,36 @@ struct BackwardElementwise {
   static constexpr int kQuantities = 3 * K;
   static constexpr bool kReadsGrad = true;
   static constexpr bool kWritesOutput = true;
-  acc_t c[kBackwardRows][K];
-  acc_t gamma;
+  ChannelResponsibilities<K, acc_t> r;
+  acc_t rows[kBackwardRows][K];
   bool mixture_grads;
 
-  __device__ void load(const PassArgs<scalar_t>& a, int64_t channel, bool) {
+  __device__ void load(const PassArgs<scalar_t>& a, int64_t c) {
+    r.load(a, c);
 #pragma unroll
     for (int row = 0; row < kBackwardRows; ++row) {
-      load_row(a.table, row, a.C, channel, c[row]);
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        rows[row][k] = a.table[(static_cast<int64_t>(row) * K + k) * a.C + c];
+      }
     }
-    gamma = a.gamma[channel];
     mixture_grads = a.accumulate;
   }
 
+  // grad_input; with mixture_grads the sums U_k u_k, U_k u_k^2, U_k (parameter_gradients).
   __device__ acc_t element(acc_t x, acc_t dout, acc_t* partial) const {
-    const BackwardComponents<acc_t> p{c[kMu], c[kInvSigma], c[kLogPrior], c[kCenter],
-                                      c[kScale], c[kMeanCoef], c[kVarCoef], c[kVar]};
-    acc_t tau[K], U[K], w[K];
-    responsibilities(x, K, p.mu, p.inv_sigma, p.log_prior, tau);
-    const acc_t dx = input_gradient(x, gamma * dout, K, p, tau, U, w);
+    const BackwardConstants<acc_t> p{r.constants(), rows[kShift], rows[kGammaScale], rows[kMeanCoef],
+                                     rows[kVarCoef], rows[kVarTerm]};
+    acc_t u[K], e[K], T[K], U[K];
+    const acc_t xp = x - r.pivot;
+    const acc_t inv_total = responsibilities(xp, K, p.resp, u, e);
+    const acc_t dx = input_gradient(xp, dout, K, p, u, e, inv_total, T, U);
     if (mixture_grads) {
 #pragma unroll
       for (int k = 0; k < K; ++k) {
-        partial[k] += U[k] * w[k];
-        partial[K + k] += U[k] * (w[k] * (x - p.mu[k]) - acc_t(1));
+        const acc_t Uu = U[k] * u[k];
+        partial[k] += Uu;
+        partial[K + k] += Uu * u[k];
         partial[2 * K + k] += U[k];
       }
     }
@@ -355,7 +383,7 @@ __global__ void __launch_bounds__(kThreads) element_pass(const PassArgs<typename
     acc_t partial[Op::kQuantities > 0 ? Op::kQuantities : 1] = {};
     if (c < a.C) {
       Op op;
-      op.load(a, c, slice == 0 && threadIdx.y == 0);
+      op.load(a, c);
       const int64_t end = std::min(elements, (slice + 1) * a.chunk);
       Cursor cur;
       cur.e = slice * a.chunk + static_cast<int64_t>(threadIdx.y) * (a.vector ? E : 1);
@@ -423,24 +451,241 @@ __global__ void __launch_bounds__(kThreads) element_pass(const PassArgs<typename
   }
 }
 
-// Second stage: sums[p] = sum over s of partials[p, s] for each (quantity,
-// channel) pair p, one warp per pair, lanes striding over s and then a
-// shuffle tree: a fixed order, so the result does not depend on scheduling.
-__global__ void __launch_bounds__(kThreads) sum_partials(const double* partials, int64_t pairs, int64_t slices,
-                                                         double* sums) {
+// ---- Second stage: per-channel finalize kernels. ---------------------------
+// One warp per channel sums each quantity's slices (lanes stride over the
+// slices, then a shuffle tree: a fixed order, so results do not depend on
+// scheduling) and then turns the channel's sums into what the next pass or
+// the caller needs (uan_constants.h). These replace the O(K*C) ATen glue.
+
+constexpr int kWarpsPerBlock = kThreads / kWarp;
+constexpr int kMaxFinalizeQuantities = 3 * kMaxComponents;
+
+// sums[q] for q < quantities of channel c, in the warp's shared slot.
+__device__ __forceinline__ void sum_channel_slices(const double* partials, int quantities, int64_t C, int64_t c,
+                                                   int64_t slices, double* sums) {
   const int lane = threadIdx.x % kWarp;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
-  for (int64_t p = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; p < pairs; p += warps) {
+  for (int q = 0; q < quantities; ++q) {
     double total = 0.0;
     for (int64_t s = lane; s < slices; s += kWarp) {
-      total += partials[p * slices + s];
+      total += partials[(q * C + c) * slices + s];
     }
     for (int offset = kWarp / 2; offset > 0; offset /= 2) {
       total += __shfl_xor_sync(kFullMask, total, offset);
     }
     if (lane == 0) {
-      sums[p] = total;
+      sums[q] = total;
     }
+  }
+  __syncwarp();
+}
+
+// The statistics pass's pivot of channel c (as Statistics::load read it).
+template <typename scalar_t>
+__device__ __forceinline__ double input_pivot(const scalar_t* x, int64_t stride_c, bool has_elements, int64_t c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  return has_elements ? static_cast<double>(static_cast<acc_t>(x[c * stride_c])) : 0.0;
+}
+
+// Batch mean, var and mass (K, C) from the statistics pass's partials.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) finalize_statistics(
+    const double* partials, int64_t slices, const scalar_t* x, int64_t stride_c, bool has_elements, int K,
+    int64_t C, at::opmath_type<scalar_t>* mean, at::opmath_type<scalar_t>* var, at::opmath_type<scalar_t>* mass) {
+  __shared__ double sums[kWarpsPerBlock][kMaxFinalizeQuantities];
+  const int warp = threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  if (c >= C) {
+    return;
+  }
+  sum_channel_slices(partials, 3 * K, C, c, slices, sums[warp]);
+  if (lane < K) {
+    const int64_t i = lane * C + c;
+    statistics_from_sums(sums[warp][lane], sums[warp][K + lane], sums[warp][2 * K + lane],
+                         input_pivot(x, stride_c, has_elements, c), mean[i], var[i], mass[i]);
+  }
+}
+
+// Arguments of finalize_backward; mass null means given statistics.
+template <typename acc_t>
+struct FinalizeBackwardArgs {
+  const double* partials;
+  int64_t slices;
+  const acc_t* mix_logits;
+  const acc_t* mean;
+  const acc_t* var;
+  const acc_t* mass;
+  const acc_t* gamma;
+  acc_t eps;
+  int K;
+  int64_t C;
+  acc_t* table;            // (kBackwardRows, K, C)
+  double* log_lam_direct;  // (K, C)
+  acc_t* grad_weight;
+  acc_t* grad_bias;
+  // Zeroed here without mixture_grads (one kernel fewer than zeros_like).
+  bool mixture_grads;
+  acc_t* grad_mu;
+  acc_t* grad_log_sigma;
+  acc_t* grad_mix_logits;
+};
+
+// The elementwise backward's constants, grad_weight and grad_bias from the
+// reduce pass's partials.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) finalize_backward(
+    FinalizeBackwardArgs<at::opmath_type<scalar_t>> a, const scalar_t* x, int64_t stride_c, bool has_elements) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ double sums[kWarpsPerBlock][kMaxFinalizeQuantities];
+  __shared__ double weight_terms[kWarpsPerBlock][kMaxComponents];
+  const int warp = threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  if (!a.mixture_grads && c == 0 && lane < a.K) {
+    a.grad_mix_logits[lane] = acc_t(0);
+  }
+  if (c >= a.C) {
+    return;
+  }
+  sum_channel_slices(a.partials, 2 * a.K + 1, a.C, c, a.slices, sums[warp]);
+  const int K = a.K;
+  if (lane < K) {
+    acc_t log_lam[kMaxComponents];
+    log_mixing_weights(a.mix_logits, K, log_lam);
+    const int64_t i = lane * a.C + c;
+    const acc_t pivot = a.mass ? static_cast<acc_t>(input_pivot(x, stride_c, has_elements, c)) : a.mean[c];
+    const auto b = component_backward(sums[warp][lane], sums[warp][K + lane], a.mean[i], a.var[i], log_lam[lane],
+                                      a.gamma ? a.gamma[c] : acc_t(1), a.eps, pivot, a.mass != nullptr,
+                                      a.mass ? a.mass[i] : acc_t(0));
+    const int64_t plane = static_cast<int64_t>(K) * a.C;
+    a.table[kShift * plane + i] = b.shift;
+    a.table[kGammaScale * plane + i] = b.gamma_scale;
+    a.table[kMeanCoef * plane + i] = b.mean_coef;
+    a.table[kVarCoef * plane + i] = b.var_coef;
+    a.table[kVarTerm * plane + i] = b.var_term;
+    a.log_lam_direct[i] = b.log_lam_direct;
+    weight_terms[warp][lane] = b.grad_weight_term;
+    if (!a.mixture_grads) {
+      a.grad_mu[i] = acc_t(0);
+      a.grad_log_sigma[i] = acc_t(0);
+    }
+  }
+  __syncwarp();
+  if (lane == 0) {
+    double weight_sum = 0.0;
+    for (int k = 0; k < K; ++k) {
+      weight_sum += weight_terms[warp][k];
+    }
+    a.grad_weight[c] = static_cast<acc_t>(weight_sum);
+    a.grad_bias[c] = static_cast<acc_t>(sums[warp][2 * K]);
+  }
+}
+
+constexpr int kParameterThreads = 1024;
+
+// grad_mu, grad_log_sigma and grad_mix_logits from the elementwise pass's
+// partials: one block, since mix_logits sums over every channel; thread t
+// owns the (k, c) pairs t, t + 1024, ... and the per-k totals are reduced in
+// a fixed tree, so the result is deterministic.
+template <typename acc_t>
+__global__ void __launch_bounds__(kParameterThreads) finalize_parameters(
+    const double* partials, int64_t slices, const acc_t* log_sigma, const acc_t* mix_logits,
+    const double* log_lam_direct, int K, int64_t C, acc_t* grad_mu, acc_t* grad_log_sigma, acc_t* grad_mix_logits) {
+  __shared__ double tree[kParameterThreads];
+  __shared__ double grad_log_lam[kMaxComponents];
+  double owned[kMaxComponents] = {};
+  const int64_t plane = static_cast<int64_t>(K) * C;
+  for (int64_t i = threadIdx.x; i < plane; i += kParameterThreads) {
+    double R[3] = {0.0, 0.0, 0.0};
+    for (int j = 0; j < 3; ++j) {
+      const double* row = partials + (j * plane + i) * slices;
+      for (int64_t s = 0; s < slices; ++s) {
+        R[j] += row[s];
+      }
+    }
+    const int k = static_cast<int>(i / C);
+    parameter_gradients(R[0], R[1], R[2], responsibility_slope(log_sigma[i]), grad_mu[i], grad_log_sigma[i]);
+    // Unrolled over the constant bound so that `owned` stays in registers.
+#pragma unroll
+    for (int j = 0; j < kMaxComponents; ++j) {
+      owned[j] += (j == k) ? R[2] + log_lam_direct[i] : 0.0;
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int j = 0; j < kMaxComponents; ++j) {
+      if (j == k) {
+        tree[threadIdx.x] = owned[j];
+      }
+    }
+    __syncthreads();
+    for (int width = kParameterThreads / 2; width > 0; width /= 2) {
+      if (threadIdx.x < width) {
+        tree[threadIdx.x] += tree[threadIdx.x + width];
+      }
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      grad_log_lam[k] = tree[0];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    acc_t log_lam[kMaxComponents];
+    log_mixing_weights(mix_logits, K, log_lam);
+    mix_logits_gradient(log_lam, grad_log_lam, K, grad_mix_logits);
+  }
+}
+
+// One online EM step of the mixture buffers (update="moving_average"): one
+// block, since the mixing weights sum every channel's mass; each thread sums
+// its own channels, then a fixed tree per component, so it is deterministic.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) moving_average_kernel(T* mu, T* log_sigma, T* mix_logits, const T* mean,
+                                                                  const T* var, const T* mass, int K, int64_t C,
+                                                                  int64_t values_per_channel, double momentum) {
+  __shared__ double tree[kThreads];
+  __shared__ double mass_sums[kMaxComponents];
+  __shared__ int64_t finite_tree[kThreads];
+  double owned[kMaxComponents] = {};
+  int64_t finite = 0;
+  for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+    if (finite_channel(mass, K, C, c)) {
+      ++finite;
+#pragma unroll
+      for (int k = 0; k < kMaxComponents; ++k) {
+        owned[k] += k < K ? static_cast<double>(mass[k * C + c]) : 0.0;
+      }
+    }
+  }
+  finite_tree[threadIdx.x] = finite;
+  for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int j = 0; j < kMaxComponents; ++j) {
+      if (j == k) {
+        tree[threadIdx.x] = owned[j];
+      }
+    }
+    __syncthreads();
+    for (int width = kThreads / 2; width > 0; width /= 2) {
+      if (threadIdx.x < width) {
+        tree[threadIdx.x] += tree[threadIdx.x + width];
+        if (k == 0) {
+          finite_tree[threadIdx.x] += finite_tree[threadIdx.x + width];
+        }
+      }
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      mass_sums[k] = tree[0];
+    }
+    __syncthreads();
+  }
+  for (int64_t i = threadIdx.x; i < static_cast<int64_t>(K) * C; i += kThreads) {
+    moving_average_component(mu[i], log_sigma[i], mean[i], var[i], momentum);
+  }
+  if (threadIdx.x == 0) {
+    moving_average_mixing_weights(mix_logits, mass_sums, finite_tree[0], values_per_channel, K, momentum);
   }
 }
 
@@ -485,27 +730,30 @@ LaunchShape launch_shape(Kernel kernel, const ChannelView& view, int vec, int pe
           chunk};
 }
 
+// A pass's per-unit sums: (Q, C, slices) float64, slices = 0 when the pass
+// had no elements (the finalize kernels then sum nothing).
+struct Partials {
+  at::Tensor values;
+  int64_t slices = 0;
+  const double* data() const { return slices > 0 ? values.const_data_ptr<double>() : nullptr; }
+};
+
 template <class Op>
-void launch(PassArgs<typename Op::scalar_t> a, const ChannelView& view, at::Tensor* sums) {
+Partials launch(PassArgs<typename Op::scalar_t> a, const ChannelView& view, const at::TensorOptions& options) {
   constexpr int E = kVecWidth<typename Op::scalar_t>;
   const auto kernel = element_pass<Op>;
   const LaunchShape shape = launch_shape(kernel, view, a.vector ? E : 1, E);
   a.slices = shape.slices;
   a.chunk = shape.chunk;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor partials;
+  Partials partials;
   if (a.accumulate) {
-    partials = at::empty({Op::kQuantities * view.C * shape.slices}, sums->options());
-    a.partials = partials.mutable_data_ptr<double>();
+    partials.values = at::empty({Op::kQuantities * view.C * shape.slices}, options.dtype(at::kDouble));
+    partials.slices = shape.slices;
+    a.partials = partials.values.mutable_data_ptr<double>();
   }
-  kernel<<<shape.grid, shape.block, 0, stream>>>(a);
+  kernel<<<shape.grid, shape.block, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (a.accumulate) {
-    const int64_t pairs = Op::kQuantities * view.C;
-    const int64_t blocks = std::min<int64_t>(ceil_div(pairs, kThreads / kWarp), shape.grid);
-    sum_partials<<<blocks, kThreads, 0, stream>>>(a.partials, pairs, shape.slices, sums->mutable_data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  return partials;
 }
 
 // Calls f(std::integral_constant<int, K>) for the runtime K in 1..kMaxComponents.
@@ -518,23 +766,37 @@ void dispatch_components(int K, F&& f, std::integer_sequence<int, Ks...>) {
 // Runs pass Op<scalar_t, K> over x; `data` are the tensors read or written
 // element by element, which must all be 16-byte aligned for vector access.
 template <template <typename, int> class Op, typename scalar_t>
-void run_pass(PassArgs<scalar_t> a, const ChannelView& view, int K, at::Tensor* sums,
-              std::initializer_list<const void*> data) {
+Partials run_pass(PassArgs<scalar_t> a, const ChannelView& view, int K, const at::TensorOptions& options,
+                  std::initializer_list<const void*> data) {
   if (view.N * view.L == 0 || view.C == 0) {
-    return;
+    return {};
   }
   a.vector = !view.channels_inner() && view.L % kVecWidth<scalar_t> == 0 &&
              std::all_of(data.begin(), data.end(),
                          [](const void* p) { return reinterpret_cast<uintptr_t>(p) % kLoadBytes == 0; });
+  Partials partials;
   dispatch_components(
-      K, [&](auto components) { launch<Op<scalar_t, decltype(components)::value>>(a, view, sums); },
+      K, [&](auto components) { partials = launch<Op<scalar_t, decltype(components)::value>>(a, view, options); },
       std::make_integer_sequence<int, kMaxComponents>{});
+  return partials;
+}
+
+template <typename acc_t>
+const acc_t* optional_data(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
 }
 
 template <typename scalar_t>
-PassArgs<scalar_t> pass_args(const ChannelView& view, const at::Tensor& table) {
+PassArgs<scalar_t> pass_args(const at::Tensor& x, const ChannelView& view, const Parameters& p) {
+  using acc_t = at::opmath_type<scalar_t>;
   PassArgs<scalar_t> a{};
-  a.table = table.const_data_ptr<typename PassArgs<scalar_t>::acc_t>();
+  a.x = x.const_data_ptr<scalar_t>();
+  a.mu = p.mu.const_data_ptr<acc_t>();
+  a.log_sigma = p.log_sigma.const_data_ptr<acc_t>();
+  a.mix_logits = p.mix_logits.const_data_ptr<acc_t>();
+  a.gamma = optional_data<acc_t>(p.weight);
+  a.beta = optional_data<acc_t>(p.bias);
+  a.eps = static_cast<acc_t>(p.eps);
   a.N = view.N;
   a.C = view.C;
   a.L = view.L;
@@ -544,60 +806,122 @@ PassArgs<scalar_t> pass_args(const ChannelView& view, const at::Tensor& table) {
   return a;
 }
 
-void statistics_pass(const at::Tensor& x, const ChannelView& view, const at::Tensor& table, at::Tensor& sums,
-                     at::Tensor& pivot) {
-  const int K = static_cast<int>(table.size(1));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uan_statistics_cuda", [&] {
-    auto a = pass_args<scalar_t>(view, table);
-    a.x = x.const_data_ptr<scalar_t>();
-    a.pivot = pivot.mutable_data_ptr<at::opmath_type<scalar_t>>();
-    a.accumulate = true;
-    run_pass<Statistics>(a, view, K, &sums, {a.x});
-  });
-}
+unsigned channel_blocks(int64_t C) { return static_cast<unsigned>(ceil_div(C, kWarpsPerBlock)); }
 
-void normalize_pass(const at::Tensor& x, const ChannelView& view, const at::Tensor& table, const at::Tensor& gamma,
-                    const at::Tensor& beta, at::Tensor& out) {
-  const int K = static_cast<int>(table.size(1));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uan_normalize_cuda", [&] {
+// Launches: statistics pass, finalize_statistics, normalize pass.
+void forward_train(const at::Tensor& x, const ChannelView& view, const Parameters& p, at::Tensor& out,
+                   at::Tensor& mean, at::Tensor& var, at::Tensor& mass) {
+  if (view.C == 0) {
+    return;
+  }
+  const int K = static_cast<int>(p.K);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uan_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto a = pass_args<scalar_t>(view, table);
-    a.x = x.const_data_ptr<scalar_t>();
-    a.out = out.mutable_data_ptr<scalar_t>();
-    a.gamma = gamma.const_data_ptr<acc_t>();
-    a.beta = beta.const_data_ptr<acc_t>();
-    run_pass<Normalize>(a, view, K, nullptr, {a.x, a.out});
-  });
-}
-
-void backward_reduce_pass(const at::Tensor& grad_out, const at::Tensor& x, const ChannelView& view,
-                          const at::Tensor& table, at::Tensor& sums) {
-  const int K = static_cast<int>(table.size(1));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uan_backward_reduce_cuda", [&] {
-    auto a = pass_args<scalar_t>(view, table);
-    a.x = x.const_data_ptr<scalar_t>();
-    a.grad_out = grad_out.const_data_ptr<scalar_t>();
+    auto a = pass_args<scalar_t>(x, view, p);
     a.accumulate = true;
-    run_pass<BackwardReduce>(a, view, K, &sums, {a.x, a.grad_out});
+    const Partials sums = run_pass<Statistics>(a, view, K, x.options(), {a.x});
+    finalize_statistics<scalar_t><<<channel_blocks(view.C), kThreads, 0, stream>>>(
+        sums.data(), sums.slices, a.x, view.stride_c, view.N * view.L > 0, K, view.C,
+        mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), mass.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    a.accumulate = false;
+    a.mean = mean.const_data_ptr<acc_t>();
+    a.var = var.const_data_ptr<acc_t>();
+    a.out = out.mutable_data_ptr<scalar_t>();
+    run_pass<Normalize>(a, view, K, x.options(), {a.x, a.out});
   });
 }
 
-void backward_elementwise_pass(const at::Tensor& grad_out, const at::Tensor& x, const ChannelView& view,
-                               const at::Tensor& table, const at::Tensor& gamma, bool mixture_grads,
-                               at::Tensor& grad_input, at::Tensor& sums) {
-  const int K = static_cast<int>(table.size(1));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uan_backward_elementwise_cuda", [&] {
-    auto a = pass_args<scalar_t>(view, table);
-    a.x = x.const_data_ptr<scalar_t>();
+// One launch: the normalize pass.
+void forward_eval(const at::Tensor& x, const ChannelView& view, const Parameters& p, const at::Tensor& mean,
+                  const at::Tensor& var, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uan_forward_eval_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto a = pass_args<scalar_t>(x, view, p);
+    a.mean = mean.const_data_ptr<acc_t>();
+    a.var = optional_data<acc_t>(var);
+    a.pivot_from_mean = true;
+    a.out = out.mutable_data_ptr<scalar_t>();
+    run_pass<Normalize>(a, view, static_cast<int>(p.K), x.options(), {a.x, a.out});
+  });
+}
+
+// Launches: reduce pass, finalize_backward, elementwise pass, and with
+// mixture_grads finalize_parameters.
+void backward(const at::Tensor& grad_out, const at::Tensor& x, const ChannelView& view, const Parameters& p,
+              const at::Tensor& mean, const at::Tensor& var, const at::Tensor& mass, bool mixture_grads,
+              at::Tensor& grad_input, at::Tensor& grad_mu, at::Tensor& grad_log_sigma, at::Tensor& grad_mix_logits,
+              at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  if (view.C == 0) {
+    grad_mix_logits.zero_();
+    return;
+  }
+  const int K = static_cast<int>(p.K);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uan_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto a = pass_args<scalar_t>(x, view, p);
     a.grad_out = grad_out.const_data_ptr<scalar_t>();
+    a.mean = mean.const_data_ptr<acc_t>();
+    a.var = var.const_data_ptr<acc_t>();
+    a.pivot_from_mean = !mass.defined();
+    a.accumulate = true;
+    const Partials reduced = run_pass<BackwardReduce>(a, view, K, x.options(), {a.x, a.grad_out});
+
+    auto table = at::empty({kBackwardRows, K, view.C}, p.mu.options());
+    auto log_lam_direct = at::empty({K, view.C}, p.mu.options().dtype(at::kDouble));
+    FinalizeBackwardArgs<acc_t> f{};
+    f.partials = reduced.data();
+    f.slices = reduced.slices;
+    f.mix_logits = a.mix_logits;
+    f.mean = a.mean;
+    f.var = a.var;
+    f.mass = optional_data<acc_t>(mass);
+    f.gamma = a.gamma;
+    f.eps = a.eps;
+    f.K = K;
+    f.C = view.C;
+    f.table = table.mutable_data_ptr<acc_t>();
+    f.log_lam_direct = log_lam_direct.mutable_data_ptr<double>();
+    f.grad_weight = grad_weight.mutable_data_ptr<acc_t>();
+    f.grad_bias = grad_bias.mutable_data_ptr<acc_t>();
+    f.mixture_grads = mixture_grads;
+    f.grad_mu = grad_mu.mutable_data_ptr<acc_t>();
+    f.grad_log_sigma = grad_log_sigma.mutable_data_ptr<acc_t>();
+    f.grad_mix_logits = grad_mix_logits.mutable_data_ptr<acc_t>();
+    finalize_backward<scalar_t><<<channel_blocks(view.C), kThreads, 0, stream>>>(f, a.x, view.stride_c,
+                                                                               view.N * view.L > 0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    a.table = table.const_data_ptr<acc_t>();
     a.out = grad_input.mutable_data_ptr<scalar_t>();
-    a.gamma = gamma.const_data_ptr<at::opmath_type<scalar_t>>();
     a.accumulate = mixture_grads;
-    run_pass<BackwardElementwise>(a, view, K, &sums, {a.x, a.grad_out, a.out});
+    const Partials params = run_pass<BackwardElementwise>(a, view, K, x.options(), {a.x, a.grad_out, a.out});
+    if (mixture_grads) {
+      finalize_parameters<acc_t><<<1, kParameterThreads, 0, stream>>>(
+          params.data(), params.slices, a.log_sigma, a.mix_logits, log_lam_direct.const_data_ptr<double>(), K,
+          view.C, grad_mu.mutable_data_ptr<acc_t>(), grad_log_sigma.mutable_data_ptr<acc_t>(),
+          grad_mix_logits.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
 }
 
-constexpr ElementPasses kCudaPasses{statistics_pass, normalize_pass, backward_reduce_pass, backward_elementwise_pass};
+// One launch.
+void moving_average_update(at::Tensor& mu, at::Tensor& log_sigma, at::Tensor& mix_logits, const at::Tensor& mean,
+                           const at::Tensor& var, const at::Tensor& mass, int64_t values_per_channel,
+                           double momentum) {
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "uan_moving_average_update_cuda", [&] {
+    moving_average_kernel<scalar_t><<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        mu.mutable_data_ptr<scalar_t>(), log_sigma.mutable_data_ptr<scalar_t>(), mix_logits.mutable_data_ptr<scalar_t>(),
+        mean.const_data_ptr<scalar_t>(), var.const_data_ptr<scalar_t>(), mass.const_data_ptr<scalar_t>(),
+        static_cast<int>(mu.size(0)), mu.size(1), values_per_channel, momentum);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+constexpr DevicePasses kCudaPasses{forward_train, forward_eval, backward, moving_average_update};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma, const at::Tensor& mix_logits,
@@ -614,12 +938,27 @@ at::Tensor forward_stats_cuda(const at::Tensor& x, const at::Tensor& mu, const a
   return forward_with_statistics(kCudaPasses, x, mu, log_sigma, mix_logits, mean, var, weight, bias, eps);
 }
 
+at::Tensor forward_mixture_cuda(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma,
+                                const at::Tensor& mix_logits, const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& bias, double eps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return forward_with_mixture_statistics(kCudaPasses, x, mu, log_sigma, mix_logits, weight, bias, eps);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma,
     const at::Tensor& mix_logits, const std::optional<at::Tensor>& weight, const at::Tensor& mean,
     const at::Tensor& var, const std::optional<at::Tensor>& mass, double eps, bool mixture_grads) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return backward(kCudaPasses, grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, eps, mixture_grads);
+  return uan::backward(kCudaPasses, grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, eps,
+                       mixture_grads);
+}
+
+void moving_average_update_cuda(at::Tensor& mu, at::Tensor& log_sigma, at::Tensor& mix_logits,
+                                const at::Tensor& mean, const at::Tensor& var, const at::Tensor& mass,
+                                int64_t values_per_channel, double momentum) {
+  const c10::cuda::CUDAGuard guard(mu.device());
+  uan::moving_average_update(kCudaPasses, mu, log_sigma, mix_logits, mean, var, mass, values_per_channel, momentum);
 }
 
 }  // namespace
@@ -627,7 +966,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_IMPL(uan, CUDA, m) {
   m.impl("forward", &forward_cuda);
   m.impl("forward.stats", &forward_stats_cuda);
+  m.impl("forward.mixture", &forward_mixture_cuda);
   m.impl("backward", &backward_cuda);
+  m.impl("moving_average_update_", &moving_average_update_cuda);
 }
 
 }  // namespace uan

@@ -1,0 +1,199 @@
+// Per-channel UAN constants shared by the CPU and CUDA kernels: everything
+// the element passes need that does not depend on the element (the folded
+// responsibilities and transform of uan_math.h), and the O(K*C) steps
+// between passes (batch statistics from the statistics pass's sums, the
+// backward's per-component coefficients from the reduce pass's sums, the
+// parameter gradients from the elementwise pass's sums). One thread computes
+// one channel, on CPU in a loop and on CUDA in the passes' prologues and the
+// finalize kernels, so the formulas live here once (DESIGN.md).
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+
+#include "uan_math.h"
+
+namespace uan {
+
+// log lam_k = log_softmax(mix_logits)_k for the K components.
+template <typename T>
+C10_HOST_DEVICE inline void log_mixing_weights(const T* mix_logits, int K, T* log_lam) {
+  T largest = mix_logits[0];
+  for (int k = 1; k < K; ++k) {
+    largest = value_max(largest, mix_logits[k]);
+  }
+  T total(0);
+  for (int k = 0; k < K; ++k) {
+    total += std::exp(mix_logits[k] - largest);
+  }
+  const T log_total = std::log(total) + largest;
+  for (int k = 0; k < K; ++k) {
+    log_lam[k] = mix_logits[k] - log_total;
+  }
+}
+
+// a = sqrt(s / 2) / sigma, the slope of u = a (x - mu) (uan_math.h).
+template <typename T>
+C10_HOST_DEVICE inline T responsibility_slope(T log_sigma) {
+  return std::exp(-log_sigma) * std::sqrt(logit_scale(T(0)) / T(2));
+}
+
+// Folded responsibility constants of component k about pivot p (uan_math.h):
+//   a = sqrt(s / 2) / sigma,  b = a (p - mu),  lp = s (log lam - log sigma).
+template <typename T>
+C10_HOST_DEVICE inline void responsibility_constants(T mu, T log_sigma, T log_lam, T pivot, T& a, T& b, T& lp) {
+  a = responsibility_slope(log_sigma);
+  b = a * (pivot - mu);
+  lp = logit_scale(T(0)) * (log_lam - log_sigma);
+}
+
+// scale_k = lam_k^-1/2 (var_k + eps)^-1/2.
+template <typename T>
+C10_HOST_DEVICE inline T normalization_scale(T log_lam, T var, T eps) {
+  return std::exp(T(-0.5) * log_lam) / std::sqrt(var + eps);
+}
+
+// The mixture's own variance sigma^2 (eval statistics of update="moving_average").
+template <typename T>
+C10_HOST_DEVICE inline T mixture_variance(T log_sigma) {
+  return std::exp(T(2) * log_sigma);
+}
+
+// The affine-folded transform of component k about pivot p (mixture_transform).
+template <typename T>
+C10_HOST_DEVICE inline void transform_constants(T center, T var, T log_lam, T gamma, T beta, T eps, T pivot,
+                                                T& slope, T& intercept) {
+  slope = gamma * normalization_scale(log_lam, var, eps);
+  intercept = beta - slope * (center - pivot);
+}
+
+// Batch statistics of component k from the statistics pass's float64 sums
+// about pivot p: S = sum tau, T1 = sum tau (x - p), T2 = sum tau (x - p)^2.
+//   m = (p S + T1) / (S + e),  v = (T2 - 2 (m - p) T1 + (m - p)^2 S) / (S + e)
+// are exact rewrites of SPEC's sums (e = kMassEps).
+template <typename T>
+C10_HOST_DEVICE inline void statistics_from_sums(double S, double T1, double T2, double pivot, T& mean, T& var,
+                                                 T& mass) {
+  const double denom = S + kMassEps;
+  const double m = (pivot * S + T1) / denom;
+  const double offset = m - pivot;
+  const double v = (T2 - 2.0 * offset * T1 + offset * offset * S) / denom;
+  mean = static_cast<T>(m);
+  var = static_cast<T>(v > 0.0 ? v : 0.0);
+  mass = static_cast<T>(S);
+}
+
+// Backward coefficients of component k (BackwardConstants of uan_math.h) from
+// the reduce pass's float64 sums about pivot p: A = sum dout tau_k,
+// Bp = sum dout tau_k (x - p). With B = sum dout tau_k (x - center_k):
+//   grad_weight += scale_k B,   d loss / d log lam_k (through lam^-1/2) += -scale_k gamma B / 2
+// and, for batch statistics (mass given), Gm_k = -scale_k gamma A,
+// Gv_k = -scale_k gamma B / (2 (var_k + eps)), each divided by S_k + e.
+template <typename T>
+struct ComponentBackward {
+  T shift, gamma_scale, mean_coef, var_coef, var_term;
+  double grad_weight_term, log_lam_direct;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline ComponentBackward<T> component_backward(double A, double Bp, T center, T var, T log_lam,
+                                                               T gamma, T eps, T pivot, bool batch_statistics,
+                                                               T mass) {
+  ComponentBackward<T> out;
+  const T scale = normalization_scale(log_lam, var, eps);
+  out.shift = center - pivot;
+  const double B = Bp - static_cast<double>(out.shift) * A;
+  out.gamma_scale = gamma * scale;
+  out.grad_weight_term = static_cast<double>(scale) * B;
+  out.log_lam_direct = -0.5 * static_cast<double>(out.gamma_scale) * B;
+  if (batch_statistics) {
+    const double denom = static_cast<double>(mass) + kMassEps;
+    out.mean_coef = static_cast<T>(-static_cast<double>(out.gamma_scale) * A / denom);
+    out.var_coef = static_cast<T>(out.log_lam_direct / ((static_cast<double>(var) + eps) * denom));
+  } else {
+    out.mean_coef = T(0);
+    out.var_coef = T(0);
+  }
+  out.var_term = out.var_coef * var;
+  return out;
+}
+
+// Gradients of mu_k and log_sigma_k of one channel from the elementwise
+// pass's sums R1 = sum U_k u_k, R2 = sum U_k u_k^2, R3 = sum U_k, with
+// a_k = sqrt(s / 2) / sigma_k: (x - mu) / sigma^2 = u a 2 / s and
+// ((x - mu) / sigma)^2 = u^2 2 / s, so
+//   d mu = 2 a R1 / s,   d log sigma = 2 R2 / s - R3,   d log lam (through tau) = R3.
+template <typename T>
+C10_HOST_DEVICE inline void parameter_gradients(double R1, double R2, double R3, T a, T& grad_mu, T& grad_log_sigma) {
+  const double two_over_s = 2.0 / static_cast<double>(logit_scale(T(0)));
+  grad_mu = static_cast<T>(two_over_s * static_cast<double>(a) * R1);
+  grad_log_sigma = static_cast<T>(two_over_s * R2 - R3);
+}
+
+// Gradient of mix_logits from d loss / d log lam_k (the softmax Jacobian):
+//   d mix_logits_k = g_k - lam_k sum_j g_j.
+template <typename T>
+C10_HOST_DEVICE inline void mix_logits_gradient(const T* log_lam, const double* grad_log_lam, int K, T* out) {
+  double total = 0.0;
+  for (int k = 0; k < K; ++k) {
+    total += grad_log_lam[k];
+  }
+  for (int k = 0; k < K; ++k) {
+    out[k] = static_cast<T>(grad_log_lam[k] - std::exp(static_cast<double>(log_lam[k])) * total);
+  }
+}
+
+// Floors of the moving-average update, so that an emptied component keeps
+// finite logits (log 0 would poison the softmax's max).
+constexpr double kMinMixingWeight = 1e-12;
+constexpr double kMinVariance = 1e-12;
+
+// One online EM step of component k of channel c (SPEC, update="moving_average"):
+// mu <- (1 - m) mu + m mean, sigma^2 <- (1 - m) sigma^2 + m var, in float64.
+template <typename T>
+C10_HOST_DEVICE inline void moving_average_component(T& mu, T& log_sigma, T mean, T var, double momentum) {
+  const double sigma_sq = std::exp(2.0 * static_cast<double>(log_sigma));
+  double new_sigma_sq = sigma_sq + momentum * (static_cast<double>(var) - sigma_sq);
+  new_sigma_sq = new_sigma_sq > kMinVariance ? new_sigma_sq : kMinVariance;
+  mu = static_cast<T>(static_cast<double>(mu) + momentum * (static_cast<double>(mean) - static_cast<double>(mu)));
+  log_sigma = static_cast<T>(0.5 * std::log(new_sigma_sq));
+}
+
+// Whether channel c's statistics enter the shared mixing weights: a NaN or
+// inf in its input makes its masses NaN, and it is left out (SPEC).
+template <typename T>
+C10_HOST_DEVICE inline bool finite_channel(const T* mass, int K, int64_t C, int64_t c) {
+  bool finite = true;
+  for (int k = 0; k < K; ++k) {
+    const double m = static_cast<double>(mass[k * C + c]);
+    finite = finite && m - m == 0.0;
+  }
+  return finite;
+}
+
+// lam <- (1 - m) lam + m batch_lam with batch_lam_k = mass_k / (finite channels * values
+// per channel), in float64, stored as mix_logits = log lam. With no finite
+// channel batch_lam is 0 and lam only shrinks by (1 - m), which
+// softmax(mix_logits) undoes: lam keeps its value.
+template <typename T>
+C10_HOST_DEVICE inline void moving_average_mixing_weights(T* mix_logits, const double* channel_mass_sums,
+                                                          int64_t finite_channels, int64_t values_per_channel,
+                                                          int K, double momentum) {
+  double logits[kMaxComponents];
+  double log_lam[kMaxComponents];
+  for (int k = 0; k < K; ++k) {
+    logits[k] = static_cast<double>(mix_logits[k]);
+  }
+  log_mixing_weights(logits, K, log_lam);
+  const double count = static_cast<double>(finite_channels > 0 ? finite_channels : 1) *
+                       static_cast<double>(values_per_channel);
+  for (int k = 0; k < K; ++k) {
+    const double lam = std::exp(log_lam[k]);
+    double new_lam = lam + momentum * (channel_mass_sums[k] / count - lam);
+    new_lam = new_lam > kMinMixingWeight ? new_lam : kMinMixingWeight;
+    mix_logits[k] = static_cast<T>(std::log(new_lam));
+  }
+}
+
+}  // namespace uan
