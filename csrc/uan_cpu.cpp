@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "uan_constants.h"
@@ -25,8 +26,6 @@ using at::vec::Vectorized;
 // Vectors summed in the accumulation type before the partials are added to
 // float64 totals: bounds the rounding error for channels of any length.
 constexpr int64_t kFlushSpans = 128;
-// Most quantities one pass accumulates per channel (3 per component).
-constexpr int kMaxQuantities = 3 * kMaxComponents;
 
 template <typename scalar_t, typename acc_t>
 inline Vectorized<acc_t> load(const scalar_t* p, int64_t count) {
@@ -174,17 +173,18 @@ class ChunkSums {
   std::vector<double> slots_;
 };
 
-// Per-lane sums of Q quantities: partials in acc_t, totals in float64.
-template <typename acc_t>
+// Per-lane sums of Q quantities: partials in acc_t, totals in float64. Q is a
+// compile-time constant so that the partials stay in vector registers.
+template <typename acc_t, int Q>
 struct LaneSums {
   using Vec = Vectorized<acc_t>;
   static constexpr int64_t V = Vec::size();
-  int quantities;
-  Vec partial[kMaxQuantities];
-  double total[kMaxQuantities][V];
+  static constexpr int quantities = Q;
+  Vec partial[Q > 0 ? Q : 1];
+  double total[Q > 0 ? Q : 1][V];
 
-  explicit LaneSums(int q) : quantities(q) {
-    for (int i = 0; i < q; ++i) {
+  LaneSums() {
+    for (int i = 0; i < Q; ++i) {
       partial[i] = Vec(0);
       for (int64_t j = 0; j < V; ++j) {
         total[i][j] = 0.0;
@@ -230,6 +230,19 @@ inline void mask_padding(Vec* e, int K, int64_t count) {
       e[k] = Vec::set(Vec(0), e[k], count);
     }
   }
+}
+
+// Calls f(std::integral_constant<int, K>) for the runtime K in 1..kMaxComponents,
+// so that each pass's per-component loops unroll and its values stay in registers.
+template <typename F, int... Ks>
+void dispatch_components(int K, F&& f, std::integer_sequence<int, Ks...>) {
+  const bool found = ((K == Ks + 1 && (f(std::integral_constant<int, Ks + 1>{}), true)) || ...);
+  TORCH_CHECK(found, "uan: the CPU kernels support 1 to ", kMaxComponents, " components, got ", K);
+}
+
+template <typename F>
+void with_components(int K, F&& f) {
+  dispatch_components(K, std::forward<F>(f), std::make_integer_sequence<int, kMaxComponents>{});
 }
 
 template <typename F>
@@ -297,8 +310,9 @@ struct ChannelConstants {
     }
   }
 
+  template <int K>
   ResponsibilityConstants<Vectorized<acc_t>> load_responsibilities(const Walker<acc_t>& walker, const Unit& unit,
-                                                                   Vectorized<acc_t> (*out)[kMaxComponents]) const {
+                                                                   Vectorized<acc_t> (*out)[K]) const {
     walker.load_constants(row(kA), K, unit, out[0]);
     walker.load_constants(row(kB), K, unit, out[1]);
     walker.load_constants(row(kLogPrior), K, unit, out[2]);
@@ -307,18 +321,17 @@ struct ChannelConstants {
 };
 
 // Sums per channel of the statistics pass: S_k, sum tau_k (x - p), sum tau_k (x - p)^2.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, int K, typename acc_t>
 std::vector<double> statistics_pass(const scalar_t* x_data, const Walker<acc_t>& walker,
                                     const ChannelConstants<acc_t>& consts) {
   using Vec = Vectorized<acc_t>;
-  const int K = consts.K;
   ChunkSums chunk_sums(walker.num_chunks(), 3 * K * consts.C);
   for_units(walker.num_units(), [&](int64_t u) {
     const Unit unit = walker.unit(u);
-    Vec r[3][kMaxComponents], uk[kMaxComponents], e[kMaxComponents];
-    const auto resp = consts.load_responsibilities(walker, unit, r);
+    Vec r[3][K], uk[K], e[K];
+    const auto resp = consts.template load_responsibilities<K>(walker, unit, r);
     const Vec p = walker.load_channel_values(consts.pivot.data(), unit);
-    LaneSums<acc_t> acc(3 * K);
+    LaneSums<acc_t, 3 * K> acc;
     walker.for_each_span(
         unit,
         [&](int64_t offset, int64_t count) {
@@ -339,16 +352,14 @@ std::vector<double> statistics_pass(const scalar_t* x_data, const Walker<acc_t>&
   return chunk_sums.totals();
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, int K, typename acc_t>
 void normalize_pass(const scalar_t* x_data, scalar_t* out_data, const Walker<acc_t>& walker,
                     const ChannelConstants<acc_t>& consts) {
   using Vec = Vectorized<acc_t>;
-  const int K = consts.K;
   for_units(walker.num_units(), [&](int64_t u) {
     const Unit unit = walker.unit(u);
-    Vec r[3][kMaxComponents], slope[kMaxComponents], intercept[kMaxComponents], uk[kMaxComponents],
-        e[kMaxComponents];
-    const auto resp = consts.load_responsibilities(walker, unit, r);
+    Vec r[3][K], slope[K], intercept[K], uk[K], e[K];
+    const auto resp = consts.template load_responsibilities<K>(walker, unit, r);
     walker.load_constants(consts.row(ChannelConstants<acc_t>::kSlope), K, unit, slope);
     walker.load_constants(consts.row(ChannelConstants<acc_t>::kIntercept), K, unit, intercept);
     const Vec p = walker.load_channel_values(consts.pivot.data(), unit);
@@ -364,18 +375,17 @@ void normalize_pass(const scalar_t* x_data, scalar_t* out_data, const Walker<acc
 }
 
 // Sums per channel of the backward reduce pass: sum dout tau_k, sum dout tau_k (x - p), sum dout.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, int K, typename acc_t>
 std::vector<double> backward_reduce_pass(const scalar_t* g_data, const scalar_t* x_data,
                                          const Walker<acc_t>& walker, const ChannelConstants<acc_t>& consts) {
   using Vec = Vectorized<acc_t>;
-  const int K = consts.K;
   ChunkSums chunk_sums(walker.num_chunks(), (2 * K + 1) * consts.C);
   for_units(walker.num_units(), [&](int64_t u) {
     const Unit unit = walker.unit(u);
-    Vec r[3][kMaxComponents], uk[kMaxComponents], e[kMaxComponents];
-    const auto resp = consts.load_responsibilities(walker, unit, r);
+    Vec r[3][K], uk[K], e[K];
+    const auto resp = consts.template load_responsibilities<K>(walker, unit, r);
     const Vec p = walker.load_channel_values(consts.pivot.data(), unit);
-    LaneSums<acc_t> acc(2 * K + 1);
+    LaneSums<acc_t, 2 * K + 1> acc;
     walker.for_each_span(
         unit,
         [&](int64_t offset, int64_t count) {
@@ -397,19 +407,16 @@ std::vector<double> backward_reduce_pass(const scalar_t* g_data, const scalar_t*
 
 // Writes grad_input; with mixture_grads returns the sums per channel
 // sum U_k u_k, sum U_k u_k^2, sum U_k (parameter_gradients).
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, int K, bool kMixtureGrads, typename acc_t>
 std::vector<double> backward_elementwise_pass(const scalar_t* g_data, const scalar_t* x_data, scalar_t* dx_data,
-                                              const Walker<acc_t>& walker, const ChannelConstants<acc_t>& consts,
-                                              bool mixture_grads) {
+                                              const Walker<acc_t>& walker, const ChannelConstants<acc_t>& consts) {
   using Vec = Vectorized<acc_t>;
   using Consts = ChannelConstants<acc_t>;
-  const int K = consts.K;
-  ChunkSums chunk_sums(walker.num_chunks(), mixture_grads ? 3 * K * consts.C : 0);
+  ChunkSums chunk_sums(walker.num_chunks(), kMixtureGrads ? 3 * K * consts.C : 0);
   for_units(walker.num_units(), [&](int64_t u) {
     const Unit unit = walker.unit(u);
-    Vec r[3][kMaxComponents], c[5][kMaxComponents], uk[kMaxComponents], e[kMaxComponents], T[kMaxComponents],
-        U[kMaxComponents];
-    const auto resp = consts.load_responsibilities(walker, unit, r);
+    Vec r[3][K], c[5][K], uk[K], e[K], T[K], U[K];
+    const auto resp = consts.template load_responsibilities<K>(walker, unit, r);
     const typename Consts::Row rows[5] = {Consts::kShift, Consts::kGammaScale, Consts::kMeanCoef, Consts::kVarCoef,
                                           Consts::kVarTerm};
     for (int i = 0; i < 5; ++i) {
@@ -417,7 +424,7 @@ std::vector<double> backward_elementwise_pass(const scalar_t* g_data, const scal
     }
     const BackwardConstants<Vec> params{resp, c[0], c[1], c[2], c[3], c[4]};
     const Vec p = walker.load_channel_values(consts.pivot.data(), unit);
-    LaneSums<acc_t> acc(mixture_grads ? 3 * K : 0);
+    LaneSums<acc_t, kMixtureGrads ? 3 * K : 0> acc;
     walker.for_each_span(
         unit,
         [&](int64_t offset, int64_t count) {
@@ -427,7 +434,7 @@ std::vector<double> backward_elementwise_pass(const scalar_t* g_data, const scal
           mask_padding(e, K, count);
           store<scalar_t, acc_t>(dx_data + offset, input_gradient(xp, dout, K, params, uk, e, inv_total, T, U),
                                  count);
-          if (mixture_grads) {
+          if constexpr (kMixtureGrads) {
             for (int k = 0; k < K; ++k) {
               const Vec Uu = U[k] * uk[k];
               acc.partial[k] = acc.partial[k] + Uu;
@@ -451,7 +458,8 @@ void forward_train(const at::Tensor& x, const ChannelView& view, const Parameter
     ChannelConstants<acc_t> consts(p);
     consts.pivot_from_input(x_data, view);
     consts.responsibilities(p);
-    const std::vector<double> sums = statistics_pass<scalar_t>(x_data, walker, consts);
+    std::vector<double> sums;
+    with_components(consts.K, [&](auto k) { sums = statistics_pass<scalar_t, decltype(k)::value>(x_data, walker, consts); });
     const int K = consts.K;
     const int64_t C = consts.C;
     acc_t* mean_data = mean.mutable_data_ptr<acc_t>();
@@ -465,7 +473,9 @@ void forward_train(const at::Tensor& x, const ChannelView& view, const Parameter
       }
     }
     consts.transform(p, mean_data, var_data);
-    normalize_pass<scalar_t>(x_data, out.mutable_data_ptr<scalar_t>(), walker, consts);
+    with_components(consts.K, [&](auto k) {
+      normalize_pass<scalar_t, decltype(k)::value>(x_data, out.mutable_data_ptr<scalar_t>(), walker, consts);
+    });
   });
 }
 
@@ -486,8 +496,10 @@ void forward_eval(const at::Tensor& x, const ChannelView& view, const Parameters
     consts.pivot_from_mean(mean_data);
     consts.responsibilities(p);
     consts.transform(p, mean_data, var.defined() ? var.const_data_ptr<acc_t>() : mixture_var.data());
-    normalize_pass<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), Walker<acc_t>(view),
-                             consts);
+    with_components(consts.K, [&](auto k) {
+      normalize_pass<scalar_t, decltype(k)::value>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                                   Walker<acc_t>(view), consts);
+    });
   });
 }
 
@@ -511,7 +523,10 @@ void backward(const at::Tensor& grad_out, const at::Tensor& x, const ChannelView
       consts.pivot_from_mean(mean_data);
     }
     consts.responsibilities(p);
-    const std::vector<double> sums = backward_reduce_pass<scalar_t>(g_data, x_data, walker, consts);
+    std::vector<double> sums;
+    with_components(consts.K, [&](auto k) {
+      sums = backward_reduce_pass<scalar_t, decltype(k)::value>(g_data, x_data, walker, consts);
+    });
 
     const int K = consts.K;
     const int64_t C = consts.C;
@@ -539,8 +554,13 @@ void backward(const at::Tensor& grad_out, const at::Tensor& x, const ChannelView
       grad_bias_data[c] = static_cast<acc_t>(sums[2 * K * C + c]);
     }
 
-    const std::vector<double> param_sums = backward_elementwise_pass<scalar_t>(
-        g_data, x_data, grad_input.mutable_data_ptr<scalar_t>(), walker, consts, mixture_grads);
+    std::vector<double> param_sums;
+    scalar_t* dx_data = grad_input.mutable_data_ptr<scalar_t>();
+    with_components(consts.K, [&](auto k) {
+      constexpr int Kc = decltype(k)::value;
+      param_sums = mixture_grads ? backward_elementwise_pass<scalar_t, Kc, true>(g_data, x_data, dx_data, walker, consts)
+                                 : backward_elementwise_pass<scalar_t, Kc, false>(g_data, x_data, dx_data, walker, consts);
+    });
     acc_t* grad_mu_data = grad_mu.mutable_data_ptr<acc_t>();
     acc_t* grad_log_sigma_data = grad_log_sigma.mutable_data_ptr<acc_t>();
     acc_t* grad_mix_logits_data = grad_mix_logits.mutable_data_ptr<acc_t>();
