@@ -995,8 +995,10 @@ def cuda_rows(case: Case, compiled: CompiledCuda) -> List[KernelResult]:
             units = launch.tiles * launch.slices
             row.overhead_per_element = overhead.instructions * units * launch.threads / case.elements
             row.notes = _notes(iteration)
-            if len(iteration.inner) != 1:
-                row.notes.append(f"{len(iteration.inner)} element loops in the iteration (expected 1)")
+            # The vector path unrolls its E elements; the scalar path runs them in one rolled loop.
+            expected_loops = 0 if launch.vector else 1
+            if len(iteration.inner) != expected_loops:
+                row.notes.append(f"{len(iteration.inner)} element loops in the iteration (expected {expected_loops})")
         except (RuntimeError, KeyError) as err:
             row.error = str(err)
         rows.append(row)
@@ -1360,7 +1362,8 @@ METHOD = [
     "division slow paths and warp-divergence fallbacks are not taken; any other branch (lane-dependent, e.g. the "
     "lane-0 stores of reductions) counts both sides, as a diverged warp issues both, and the notes say so. "
     "Predicated-off instructions count (they are issued).",
-    "CUDA element_pass: per element = (iteration outside the rolled element loop) / E + (element loop), "
+    "CUDA element_pass: per element = (iteration outside the rolled element loop) / E + (element loop) "
+    "(16-byte vector path: the unrolled iteration / E), "
     "E = 16 B / itemsize elements per thread per iteration. Triton: per element = iteration x threads x tiles / "
     "(N C L), masked lanes of partial tiles included.",
     "'+ overhead' adds each block's (CUDA unit's, Triton program's) prologue and epilogue outside the loop, "

@@ -67,8 +67,10 @@ C10_HOST_DEVICE inline float softmax_reciprocal(float v) {
 }
 C10_HOST_DEVICE inline double softmax_reciprocal(double v) { return 1.0 / v; }
 
-C10_HOST_DEVICE inline float value_max(float a, float b) { return a > b ? a : b; }
-C10_HOST_DEVICE inline double value_max(double a, double b) { return a > b ? a : b; }
+// One FMNMX on CUDA (a compare and a select otherwise). Logits are NaN only
+// when the element or a parameter is, and then every logit is.
+C10_HOST_DEVICE inline float value_max(float a, float b) { return ::fmaxf(a, b); }
+C10_HOST_DEVICE inline double value_max(double a, double b) { return ::fmax(a, b); }
 
 // a * b + c and c - a * b in one rounding (nvcc contracts the scalar forms).
 C10_HOST_DEVICE inline float madd(float a, float b, float c) { return a * b + c; }
@@ -127,10 +129,10 @@ C10_HOST_DEVICE inline V responsibilities(const V& xp, int K, const Responsibili
     e[k] = nmadd(u[k], u[k], r.lp[k]);
     largest = (k == 0) ? e[k] : value_max(largest, e[k]);
   }
-  V total(0);
+  V total;
   for (int k = 0; k < K; ++k) {
     e[k] = exp_of_scaled_logit(e[k] - largest);
-    total = total + e[k];
+    total = (k == 0) ? e[k] : total + e[k];
   }
   return softmax_reciprocal(total);
 }

@@ -2,10 +2,12 @@
 //
 // Every pass walks x seen as (N, C, L) in "units": a tile of channels times a
 // slice of each channel's N*L elements. A block owns one unit at a time
-// (grid-stride over units), keeps its channel's per-(k, c) constants in
-// registers and, for the reduction passes, writes one float64 partial per
-// (quantity, channel, slice). A second kernel sums each (quantity, channel)'s
-// slices in a fixed order, so results are bitwise reproducible (no atomics).
+// (grid-stride over units), computes its channel's per-(k, c) constants into
+// registers in the unit's prologue and, for the reduction passes, writes one
+// float64 partial per (quantity, channel, slice). A per-channel finalize
+// kernel sums each (quantity, channel)'s slices in a fixed order, so results
+// are bitwise reproducible (no atomics), and turns them into what the next
+// pass needs.
 // Threads sum at most kMaxElementsPerThread elements per unit in the
 // accumulation type before their sums go to float64.
 //
@@ -255,16 +257,6 @@ __device__ __forceinline__ Packed<scalar_t, E> load_packed(const scalar_t* p) {
   return *reinterpret_cast<const Packed<scalar_t, E>*>(p);
 }
 
-template <int E, typename scalar_t>
-__device__ __forceinline__ void store_packed(const scalar_t (*column)[kThreads], int tid, scalar_t* p) {
-  Packed<scalar_t, E> packed;
-#pragma unroll
-  for (int v = 0; v < E; ++v) {
-    packed.v[v] = column[v][tid];
-  }
-  *reinterpret_cast<Packed<scalar_t, E>*>(p) = packed;
-}
-
 template <int E, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void stage(const Packed<scalar_t, E>& values, acc_t (*column)[kThreads], int tid) {
 #pragma unroll
@@ -351,12 +343,12 @@ struct Walk {
 };
 
 // One pass over x. Thread (x, y) of the block handles channel tile * TC + x.
-// Per iteration it loads E elements of its channel (one 16-byte item when
-// a.vector, else E one-element items TR items apart), stages them in shared
-// memory and runs the per-element code over them in a rolled loop: a single
-// copy of the math, which keeps the 16 K instantiations quick to compile.
-// Outputs go straight to memory, or through shared memory into one 16-byte
-// store when a.vector.
+// Per iteration it loads E elements of its channel. When a.vector (the
+// common NCHW case) that is one 16-byte item, whose elements the unrolled
+// math takes straight from registers and whose outputs leave in one 16-byte
+// store. Otherwise it is E one-element items TR items apart, staged in shared
+// memory and run through a rolled loop (a single copy of the math, which
+// keeps the 16 K instantiations quick to compile), outputs stored one by one.
 template <class Op>
 __global__ void __launch_bounds__(kThreads) element_pass(const PassArgs<typename Op::scalar_t> a) {
   using scalar_t = typename Op::scalar_t;
@@ -366,7 +358,6 @@ __global__ void __launch_bounds__(kThreads) element_pass(const PassArgs<typename
   // a warp's accesses hit consecutive banks.
   __shared__ acc_t stage_x[E][kThreads];
   __shared__ acc_t stage_g[Op::kReadsGrad ? E : 1][kThreads];
-  __shared__ scalar_t stage_y[Op::kWritesOutput ? E : 1][kThreads];
 
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const int64_t tiles = (a.C + blockDim.x - 1) / blockDim.x;
@@ -393,15 +384,26 @@ __global__ void __launch_bounds__(kThreads) element_pass(const PassArgs<typename
         const Cursor first = cur;
         // Every load of the iteration is issued before any is used.
         Packed<scalar_t, E> raw_x, raw_g;
-        int count = 0;
         if (a.vector) {
+          // A full 16-byte item: the E elements straight from registers, unrolled.
           raw_x = load_packed<E>(a.x + cur.offset);
           if constexpr (Op::kReadsGrad) {
             raw_g = load_packed<E>(a.grad_out + cur.offset);
           }
-          count = E;
           walk.advance(cur);
-        } else {
+          Packed<scalar_t, E> y;
+#pragma unroll
+          for (int v = 0; v < E; ++v) {
+            const acc_t dout = Op::kReadsGrad ? static_cast<acc_t>(raw_g.v[v]) : acc_t(0);
+            y.v[v] = static_cast<scalar_t>(op.element(static_cast<acc_t>(raw_x.v[v]), dout, partial));
+          }
+          if constexpr (Op::kWritesOutput) {
+            *reinterpret_cast<Packed<scalar_t, E>*>(a.out + first.offset) = y;
+          }
+          continue;
+        }
+        int count = 0;
+        {
 #pragma unroll
           for (int i = 0; i < E; ++i) {
             // Items past the slice's end reload the first one (in bounds) and are not counted.
@@ -428,17 +430,8 @@ __global__ void __launch_bounds__(kThreads) element_pass(const PassArgs<typename
           }
           const acc_t y = op.element(stage_x[v][tid], dout, partial);
           if constexpr (Op::kWritesOutput) {
-            if (a.vector) {
-              stage_y[v][tid] = static_cast<scalar_t>(y);
-            } else {
-              a.out[out.offset] = static_cast<scalar_t>(y);
-              walk.advance(out);
-            }
-          }
-        }
-        if constexpr (Op::kWritesOutput) {
-          if (a.vector) {
-            store_packed<E>(stage_y, tid, a.out + first.offset);
+            a.out[out.offset] = static_cast<scalar_t>(y);
+            walk.advance(out);
           }
         }
       }
