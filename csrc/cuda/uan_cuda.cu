@@ -257,14 +257,6 @@ __device__ __forceinline__ Packed<scalar_t, E> load_packed(const scalar_t* p) {
   return *reinterpret_cast<const Packed<scalar_t, E>*>(p);
 }
 
-template <int E, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void stage(const Packed<scalar_t, E>& values, acc_t (*column)[kThreads], int tid) {
-#pragma unroll
-  for (int v = 0; v < E; ++v) {
-    column[v][tid] = static_cast<acc_t>(values.v[v]);
-  }
-}
-
 // Each thread's partials, kReduceChunk quantities at a time.
 __shared__ double reduce_scratch[kReduceChunk][kThreads];
 
@@ -343,22 +335,15 @@ struct Walk {
 };
 
 // One pass over x. Thread (x, y) of the block handles channel tile * TC + x.
-// Per iteration it loads E elements of its channel. When a.vector (the
-// common NCHW case) that is one 16-byte item, whose elements the unrolled
-// math takes straight from registers and whose outputs leave in one 16-byte
-// store. Otherwise it is E one-element items TR items apart, staged in shared
-// memory and run through a rolled loop (a single copy of the math, which
-// keeps the 16 K instantiations quick to compile), outputs stored one by one.
+// Per iteration it loads E elements of its channel into registers and runs
+// the math unrolled over them: one 16-byte item when a.vector (the common
+// NCHW case; outputs leave in one 16-byte store), else E one-element items TR
+// items apart; a slice's last items that fill no group of E go one by one.
 template <class Op>
 __global__ void __launch_bounds__(kThreads) element_pass(const PassArgs<typename Op::scalar_t> a) {
   using scalar_t = typename Op::scalar_t;
   using acc_t = typename Op::acc_t;
   constexpr int E = kVecWidth<scalar_t>;
-  // [element][thread]: each thread uses its own column, so no barriers, and
-  // a warp's accesses hit consecutive banks.
-  __shared__ acc_t stage_x[E][kThreads];
-  __shared__ acc_t stage_g[Op::kReadsGrad ? E : 1][kThreads];
-
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const int64_t tiles = (a.C + blockDim.x - 1) / blockDim.x;
   const int64_t elements = a.N * a.L;
@@ -380,6 +365,7 @@ __global__ void __launch_bounds__(kThreads) element_pass(const PassArgs<typename
       cur.e = slice * a.chunk + static_cast<int64_t>(threadIdx.y) * (a.vector ? E : 1);
       cur.l = cur.e % a.L;
       cur.offset = (cur.e / a.L) * a.stride_n + c * a.stride_c + cur.l * a.stride_l;
+      const int64_t full_item_span = (E - 1) * walk.step;
       while (cur.e < end) {
         const Cursor first = cur;
         // Every load of the iteration is issued before any is used.
@@ -402,38 +388,36 @@ __global__ void __launch_bounds__(kThreads) element_pass(const PassArgs<typename
           }
           continue;
         }
-        int count = 0;
-        {
+        if (cur.e + full_item_span < end) {
+          // E one-element items TR items apart, also unrolled from registers.
+          int64_t offsets[E];
 #pragma unroll
           for (int i = 0; i < E; ++i) {
-            // Items past the slice's end reload the first one (in bounds) and are not counted.
-            const bool valid = cur.e < end;
-            const int64_t at = valid ? cur.offset : first.offset;
-            raw_x.v[i] = a.x[at];
+            offsets[i] = cur.offset;
+            raw_x.v[i] = a.x[cur.offset];
             if constexpr (Op::kReadsGrad) {
-              raw_g.v[i] = a.grad_out[at];
+              raw_g.v[i] = a.grad_out[cur.offset];
             }
-            count = valid ? i + 1 : count;
             walk.advance(cur);
           }
-        }
-        stage(raw_x, stage_x, tid);
-        if constexpr (Op::kReadsGrad) {
-          stage(raw_g, stage_g, tid);
-        }
-        Cursor out = first;
-#pragma unroll 1
-        for (int v = 0; v < count; ++v) {
-          acc_t dout = acc_t(0);
-          if constexpr (Op::kReadsGrad) {
-            dout = stage_g[v][tid];
+#pragma unroll
+          for (int v = 0; v < E; ++v) {
+            const acc_t dout = Op::kReadsGrad ? static_cast<acc_t>(raw_g.v[v]) : acc_t(0);
+            const acc_t y = op.element(static_cast<acc_t>(raw_x.v[v]), dout, partial);
+            if constexpr (Op::kWritesOutput) {
+              a.out[offsets[v]] = static_cast<scalar_t>(y);
+            }
           }
-          const acc_t y = op.element(stage_x[v][tid], dout, partial);
-          if constexpr (Op::kWritesOutput) {
-            a.out[out.offset] = static_cast<scalar_t>(y);
-            walk.advance(out);
-          }
+          continue;
         }
+        // A slice's last items that fill no group of E: one at a time, in a
+        // rolled loop (a single copy of the math).
+        const acc_t dout = Op::kReadsGrad ? static_cast<acc_t>(a.grad_out[cur.offset]) : acc_t(0);
+        const acc_t y = op.element(static_cast<acc_t>(a.x[cur.offset]), dout, partial);
+        if constexpr (Op::kWritesOutput) {
+          a.out[cur.offset] = static_cast<scalar_t>(y);
+        }
+        walk.advance(cur);
       }
     }
     if constexpr (Op::kQuantities > 0) {
