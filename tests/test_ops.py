@@ -206,3 +206,43 @@ def test_building_without_torch_stops_with_one_line_saying_what_to_run():
     assert result.returncode != 0
     assert result.stderr.strip() == ("uan-kernels builds against the torch already installed: install torch first, "
                                      "then run `pip install --no-build-isolation .`")
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_torch_func_grad_and_vjp_match_autograd(training):
+    from torch.func import functional_call, grad, vjp
+
+    torch.manual_seed(0)
+    layer = uan_kernels.UAN(4, 3).double().train(training)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    buffers = {k: v.clone() for k, v in layer.named_buffers()}
+
+    def loss(p, x):
+        # Running statistics passed as functional buffers (updated in the copies).
+        return functional_call(layer, (p, {k: v.clone() for k, v in buffers.items()}), (x,)).square().sum()
+
+    grads, grad_x = grad(loss, argnums=(0, 1))(params, x)
+    out, pullback = vjp(lambda x: functional_call(layer, (params, buffers), (x,)), x)
+    (vjp_x,) = pullback(torch.ones_like(out))
+
+    x_ref = x.clone().requires_grad_()
+    layer(x_ref).square().sum().backward()
+    torch.testing.assert_close(grad_x, x_ref.grad, rtol=1e-10, atol=1e-10)
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-10)
+    x_ref.grad = None
+    layer.load_state_dict({**params, **buffers}, strict=False)
+    layer(x_ref).sum().backward()
+    torch.testing.assert_close(vjp_x, x_ref.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_torch_func_vmap_runs_each_sample_through_the_operators():
+    from torch.func import vmap
+
+    torch.manual_seed(0)
+    layer = uan_kernels.UAN(4, 3).double().eval()
+    xs = torch.randn(5, 2, 4, 3, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="no batching rule|fallback|performance"):
+        batched = vmap(layer)(xs)
+    torch.testing.assert_close(batched, torch.stack([layer(x) for x in xs]), rtol=1e-12, atol=1e-12)

@@ -160,16 +160,42 @@ torch.library.register_autograd("uan::forward.mixture", _backward_forward_mixtur
                                 setup_context=_setup_forward_mixture)
 
 
+def _function(name: str, op, setup_context, backward):
+    """The same forward, setup_context and backward as an autograd.Function.
+
+    torch.library's generated autograd for a schema-defined operator has no
+    setup_context, which torch.func transforms require; the package's
+    forwards go through these Functions, so torch.func.grad/vjp/vmap and
+    torch.compile work, while calling torch.ops.uan.* directly still uses
+    the registered autograd.
+    """
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(lambda *args: op(*args)),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+        # The operators have no batching rule: vmap runs the forward per
+        # sample through PyTorch's fallback (correct, but a loop).
+        "generate_vmap_rule": True,
+    })
+
+
+_TrainingForward = _function("UANTrainingForward", torch.ops.uan.forward.default, _setup_forward, _backward_forward)
+_StatisticsForward = _function("UANStatisticsForward", torch.ops.uan.forward.stats, _setup_forward_stats,
+                               _backward_forward_stats)
+_MixtureForward = _function("UANMixtureForward", torch.ops.uan.forward.mixture, _setup_forward_mixture,
+                            _backward_forward_mixture)
+
+
 def train_forward(input, mu, log_sigma, mix_logits, weight=None, bias=None, eps=1e-5):
     """Training forward through ``torch.ops.uan.forward``: ``(out, mean, var, mass)``."""
-    return torch.ops.uan.forward(input, mu, log_sigma, mix_logits, weight, bias, eps)
+    return _TrainingForward.apply(input, mu, log_sigma, mix_logits, weight, bias, eps)
 
 
 def eval_forward(input, mu, log_sigma, mix_logits, mean, var, weight=None, bias=None, eps=1e-5):
     """Eval forward with given statistics through ``torch.ops.uan.forward.stats``."""
-    return torch.ops.uan.forward.stats(input, mu, log_sigma, mix_logits, mean, var, weight, bias, eps)
+    return _StatisticsForward.apply(input, mu, log_sigma, mix_logits, mean, var, weight, bias, eps)
 
 
 def eval_mixture_forward(input, mu, log_sigma, mix_logits, weight=None, bias=None, eps=1e-5):
     """Eval forward of update="moving_average" through ``torch.ops.uan.forward.mixture``."""
-    return torch.ops.uan.forward.mixture(input, mu, log_sigma, mix_logits, weight, bias, eps)
+    return _MixtureForward.apply(input, mu, log_sigma, mix_logits, weight, bias, eps)
