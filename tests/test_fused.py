@@ -187,6 +187,46 @@ def test_cpp_bitwise_equal_across_thread_counts():
         assert torch.equal(a, b)
 
 
+# The C++ channels-inner path: channels_last input (blocks of 16 channels as
+# SIMD lanes) and (N, C) input longer than one 2048-row chunk.
+CHANNELS_INNER_CASES = {"channels_last": ((8, 40, 24, 24), True), "rows": ((4100, 20), False)}
+
+
+# float32: at most 1.3e-6 measured (max error over a tensor / its largest entry).
+@pytest.mark.parametrize("case", sorted(CHANNELS_INNER_CASES))
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_cpp_channels_inner_path_matches_reference(case, train, dtype, tol):
+    shape, channels_last = CHANNELS_INNER_CASES[case]
+    x = make_input(shape, dtype=dtype, channels_last=channels_last)
+    params = make_mixture(shape[1], 3, dtype=dtype)
+    grad_out = make_input(shape, dtype=dtype, seed=4, channels_last=channels_last)
+    got = gradients(backend("cpp"), x, params, grad_out, train)
+    want = gradients(backend("reference"), x.double(), [p.double() for p in params], grad_out.double(), train)
+    if channels_last:
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        assert rel_err(g, w) < tol
+
+
+def test_cpp_channels_last_bitwise_equal_across_thread_counts():
+    shape, _ = CHANNELS_INNER_CASES["channels_last"]
+    x = make_input(shape, dtype=torch.float32, channels_last=True)
+    params = make_mixture(shape[1], 3, dtype=torch.float32)
+    grad_out = make_input(shape, dtype=torch.float32, seed=3, channels_last=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = gradients(backend("cpp"), x, params, grad_out)
+        torch.set_num_threads(max(2, threads))
+        multi = gradients(backend("cpp"), x, params, grad_out)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, multi):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("name", FUSED)
 def test_values_far_from_every_component_stay_finite(name):
     x = make_input((4, 3, 5, 5), dtype=torch.float32) + torch.tensor([1e4, -1e4, 3e4]).view(1, 3, 1, 1)
