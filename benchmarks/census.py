@@ -20,7 +20,7 @@ Compilation
   ``-I csrc`` and torch's include paths). The kernel instance and launch
   configuration of each case are chosen by host code that only runs on a GPU;
   :func:`cuda_launch` mirrors it, in one place, and the output says so.
-* Triton: ``uan_kernels.triton_ops``' train, backward and eval implementations
+* Triton: ``uan_kernels.triton.launch``'s train, backward and eval implementations
   run on meta tensors of each case (their tile geometry sees the tensors as
   CUDA tensors of an H100 with 132 SMs), every kernel launch is intercepted,
   and Triton's own binder turns it into the specialisation the JIT would
@@ -67,7 +67,7 @@ They are reported separately as "overhead per thread" (roughly a lower
 bound: loops there count one iteration; called subroutines are included) and
 amortised over the elements each thread handles per block, which depends on
 the grid. Kernels whose work is per (quantity, channel) rather than per
-element (CUDA ``finalize_*``, Triton ``_merge_stats_kernel``) get resources
+element (CUDA ``finalize_*``, Triton ``merge_stats_kernel``) get resources
 but no per-element count. Static counts assume every lane of a warp is
 active; the last iteration of a thread's range may handle fewer elements.
 
@@ -1076,7 +1076,7 @@ class _Pointer:
 
 
 class _DeviceView:
-    """A meta tensor as :func:`triton_ops.tile_geometry` sees it: on CUDA device 0."""
+    """A meta tensor as :func:`uan_kernels.triton.geometry.tile_geometry` sees it: on CUDA device 0."""
 
     def __init__(self, tensor):
         import torch
@@ -1090,24 +1090,25 @@ class _DeviceView:
 
 
 @contextlib.contextmanager
-def _gpu_geometry(triton_ops, gpu: Gpu = H100):
+def _gpu_geometry(geometry, gpu: Gpu = H100):
     """Make the launchers pick the block sizes and grid they pick on ``gpu``."""
-    real_geometry, real_sm_count = triton_ops.tile_geometry, triton_ops._gpu_sm_count
-    triton_ops.tile_geometry = lambda x3, components: real_geometry(_DeviceView(x3), components)
-    triton_ops._gpu_sm_count = lambda device_index: gpu.sms
+    real_geometry, real_sm_count = geometry.tile_geometry, geometry._gpu_sm_count
+    geometry.tile_geometry = lambda x3, components: real_geometry(_DeviceView(x3), components)
+    geometry._gpu_sm_count = lambda device_index: gpu.sms
     try:
         yield
     finally:
-        triton_ops.tile_geometry, triton_ops._gpu_sm_count = real_geometry, real_sm_count
+        geometry.tile_geometry, geometry._gpu_sm_count = real_geometry, real_sm_count
 
 
-def _import_compiling_triton_ops():
-    from uan_kernels import triton_ops
+def _import_compiling_triton_backend():
+    """The Triton backend's launch, kernels and geometry modules, compiling (not interpreted)."""
+    from uan_kernels.triton import geometry, kernels, launch
 
-    if triton_ops.INTERPRETED:
-        raise RuntimeError("uan_kernels.triton_ops was imported under TRITON_INTERPRET=1; run the census in a "
+    if kernels.INTERPRETED:
+        raise RuntimeError("uan_kernels.triton was imported under TRITON_INTERPRET=1; run the census in a "
                            "fresh process without it")
-    return triton_ops
+    return launch, kernels, geometry
 
 
 def capture_triton_launches(case: Case) -> Dict[Tuple[str, str], List[TritonLaunch]]:
@@ -1123,7 +1124,7 @@ def capture_triton_launches(case: Case) -> Dict[Tuple[str, str], List[TritonLaun
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    triton_ops = _import_compiling_triton_ops()
+    launch, kernels, geometry = _import_compiling_triton_backend()
     if not hasattr(triton.runtime.jit.JITFunction, "_pack_args"):
         raise RuntimeError(f"Triton {triton.__version__}'s JIT has no _pack_args (the census needs Triton >= 3.5)")
     backend = make_backend(GPUTarget(*TRITON_TARGET))
@@ -1153,16 +1154,15 @@ def capture_triton_launches(case: Case) -> Dict[Tuple[str, str], List[TritonLaun
     grad = torch.empty_like(x)
     mu, log_sigma = torch.empty(k, c, **meta), torch.empty(k, c, **meta)
     mix_logits, weight, bias = torch.empty(k, **meta), torch.empty(c, **meta), torch.empty(c, **meta)
-    with _gpu_geometry(triton_ops), launch_counts.intercepted_launches(triton_ops, capture):
+    with _gpu_geometry(geometry), launch_counts.intercepted_launches(kernels, capture):
         phase = ("forward", "")
-        _, mean, var, mass = triton_ops._forward_train_impl(x, mu, log_sigma, mix_logits, weight, bias, EPS)
+        _, mean, var, mass = launch.forward_train(x, mu, log_sigma, mix_logits, weight, bias, EPS)
         for update in UPDATES:
             # Autograd asks for the mixture gradients when mu, log_sigma, mix_logits are parameters.
             phase = ("backward", update)
-            triton_ops._backward_impl(grad, x, mu, log_sigma, mix_logits, weight, mean, var, mass, EPS,
-                                      update == "weight")
+            launch.backward(grad, x, mu, log_sigma, mix_logits, weight, mean, var, mass, EPS, update == "weight")
         phase = ("eval", "")
-        triton_ops._forward_eval_impl(x, mu, log_sigma, mix_logits, mean, var, weight, bias, EPS)
+        launch.forward_eval(x, mu, log_sigma, mix_logits, mean, var, weight, bias, EPS)
     return launches
 
 
@@ -1202,12 +1202,12 @@ def compile_triton(launch: TritonLaunch, workdir: Path) -> CompiledTriton:
 
 
 _TRITON_PASSES = {
-    ("forward", "_stats_partials_kernel"): "statistics",
-    ("forward", "_merge_stats_kernel"): "statistics",
-    ("forward", "_normalize_kernel"): "normalize",
-    ("backward", "_backward_reduce_kernel"): "backward reduce",
-    ("backward", "_backward_elementwise_kernel"): "backward elementwise",
-    ("eval", "_normalize_kernel"): "eval",
+    ("forward", "stats_partials_kernel"): "statistics",
+    ("forward", "merge_stats_kernel"): "statistics",
+    ("forward", "normalize_kernel"): "normalize",
+    ("backward", "backward_reduce_kernel"): "backward reduce",
+    ("backward", "backward_elementwise_kernel"): "backward elementwise",
+    ("eval", "normalize_kernel"): "eval",
 }
 
 
@@ -1372,7 +1372,7 @@ METHOD = [
     "CUDA launch configurations (vector or scalar access, block shape, slices, grid) are decided by host code "
     "that needs a GPU; census.cuda_launch mirrors csrc/cuda/uan_cuda.cu's run_pass and launch_shape. Triton "
     "block sizes and grids come from running the real launchers (tile geometry for 132 SMs).",
-    "Per-channel kernels (CUDA finalize_*, Triton _merge_stats_kernel) are listed for their "
+    "Per-channel kernels (CUDA finalize_*, Triton merge_stats_kernel) are listed for their "
     "resources and launches, not counted per element.",
 ]
 

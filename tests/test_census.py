@@ -37,8 +37,8 @@ EXPECTED_LAUNCHES = {
     },
 }
 TRITON_TRAIN_KERNELS = {
-    "_stats_partials_kernel": 1, "_merge_stats_kernel": 1, "_normalize_kernel": 1,
-    "_backward_reduce_kernel": 1, "_backward_elementwise_kernel": 1,
+    "stats_partials_kernel": 1, "merge_stats_kernel": 1, "normalize_kernel": 1,
+    "backward_reduce_kernel": 1, "backward_elementwise_kernel": 1,
 }
 
 
