@@ -67,7 +67,8 @@ They are reported separately as "overhead per thread" (roughly a lower
 bound: loops there count one iteration; called subroutines are included) and
 amortised over the elements each thread handles per block, which depends on
 the grid. Kernels whose work is per (quantity, channel) rather than per
-element (CUDA ``finalize_*``, Triton ``merge_stats_kernel``) get resources
+element (CUDA ``finalize_*``, Triton ``merge_stats_kernel`` and the backward's
+finalize kernels) get resources
 but no per-element count. Static counts assume every lane of a warp is
 active; the last iteration of a thread's range may handle fewer elements.
 
@@ -1206,7 +1207,9 @@ _TRITON_PASSES = {
     ("forward", "merge_stats_kernel"): "statistics",
     ("forward", "normalize_kernel"): "normalize",
     ("backward", "backward_reduce_kernel"): "backward reduce",
+    ("backward", "backward_statistics_kernel"): "backward reduce",
     ("backward", "backward_elementwise_kernel"): "backward elementwise",
+    ("backward", "parameter_gradients_kernel"): "backward elementwise",
     ("eval", "normalize_kernel"): "eval",
 }
 
@@ -1325,6 +1328,15 @@ def summarise(case: Case, rows: List[KernelResult]) -> CaseSummary:
 CUDA_UPDATE_KERNELS = {"train moving_average": 1}
 
 
+def fused_operator_kernels(backend: str) -> Dict[str, int]:
+    """CUDA kernels inside the uan:: operators a backend calls, per launch-count phase.
+
+    The C++ backend's passes (:func:`cuda_pass_kernels`); the Triton backend
+    calls only uan::moving_average_update_ (its own kernels are counted directly).
+    """
+    return cuda_pass_kernels() if backend == "cpp" else dict(CUDA_UPDATE_KERNELS)
+
+
 def cuda_pass_kernels() -> Dict[str, int]:
     """Kernels the CUDA build launches inside the fused operators, per launch-count phase."""
     kernels: Dict[str, int] = dict(CUDA_UPDATE_KERNELS)
@@ -1345,9 +1357,10 @@ def measure_launch_counts() -> Dict:
     if result.returncode != 0:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
     counts = json.loads(result.stdout)
-    if isinstance(counts.get("cpp"), dict):
-        for phase, kernels in cuda_pass_kernels().items():
-            counts["cpp"][phase]["cuda_pass_kernels"] = kernels
+    for backend, phases in counts.items():
+        if isinstance(phases, dict):
+            for phase, kernels in fused_operator_kernels(backend).items():
+                phases[phase]["cuda_pass_kernels"] = kernels
     return counts
 
 
@@ -1372,7 +1385,8 @@ METHOD = [
     "CUDA launch configurations (vector or scalar access, block shape, slices, grid) are decided by host code "
     "that needs a GPU; census.cuda_launch mirrors csrc/cuda/uan_cuda.cu's run_pass and launch_shape. Triton "
     "block sizes and grids come from running the real launchers (tile geometry for 132 SMs).",
-    "Per-channel kernels (CUDA finalize_*, Triton merge_stats_kernel) are listed for their "
+    "Per-channel kernels (CUDA finalize_*, Triton merge_stats_kernel, backward_statistics_kernel, "
+    "parameter_gradients_kernel) are listed for their "
     "resources and launches, not counted per element.",
 ]
 

@@ -285,6 +285,21 @@ def test_opcheck_forward_eval(requires_grad):
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
+def test_forward_mixture_is_eval_with_the_mixture_statistics(requires_grad):
+    x, (mu, log_sigma, mix_logits, weight, bias) = _op_inputs(requires_grad)
+    args = (x, mu, log_sigma, mix_logits, weight, bias, EPS)
+    torch.library.opcheck(torch.ops.uan.triton_forward_mixture.default, args)
+    out = triton_backend.eval_mixture_forward(*args)
+    stats = (mu.detach(), torch.exp(2 * log_sigma.detach()))
+    expected = triton_backend.eval_forward(x, mu, log_sigma, mix_logits, *stats, weight, bias, EPS)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    if requires_grad:
+        inputs = (x, mu, log_sigma, mix_logits, weight, bias)
+        for got, want in zip(torch.autograd.grad(out.sum(), inputs), torch.autograd.grad(expected.sum(), inputs)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("training", [True, False])
 def test_opcheck_backward(requires_grad, training):
     x, (mu, log_sigma, mix_logits, weight, _) = _op_inputs(False)

@@ -47,7 +47,8 @@ def _load_cpp() -> SimpleNamespace:
 
 def _load_triton() -> SimpleNamespace:
     mod = importlib.import_module("uan_kernels.triton")
-    return SimpleNamespace(train=mod.train_forward, eval=mod.eval_forward, module=mod)
+    return SimpleNamespace(train=mod.train_forward, eval=mod.eval_forward, eval_mixture=mod.eval_mixture_forward,
+                           module=mod)
 
 
 def _load_reference() -> SimpleNamespace:

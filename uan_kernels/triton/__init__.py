@@ -25,6 +25,8 @@ so they work under ``torch.compile(fullgraph=True)``)::
     uan::triton_forward_eval(Tensor x, Tensor mu, Tensor log_sigma, Tensor mix_logits,
                              Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps)
         -> Tensor
+    uan::triton_forward_mixture(Tensor x, Tensor mu, Tensor log_sigma, Tensor mix_logits,
+                                Tensor? weight, Tensor? bias, float eps) -> Tensor
     uan::triton_backward(Tensor grad_out, Tensor x, Tensor mu, Tensor log_sigma,
                          Tensor mix_logits, Tensor? weight, Tensor mean, Tensor var,
                          Tensor? mass, float eps, bool mixture_grad)
@@ -53,8 +55,10 @@ element tiles. Training forward: a statistics pass (per program Chan-merged
 weighted summaries, shifted by a per-channel pivot) + a deterministic merge
 kernel + a normalise pass. Eval forward: the normalise pass alone. Backward:
 a reduction pass (training only) + an elementwise pass writing ``grad_input``
-and per-program partial sums, reduced by ``torch.sum`` (no atomics, so every
-result is bitwise reproducible).
+and per-program partial sums; two small kernels add the programs' sums in a
+fixed order (no atomics, so every result is bitwise reproducible) and turn
+them into the statistics' and the parameters' gradients, so no tensor op runs
+between the passes.
 
 ``eps`` is a compile-time constant of the kernels (so that it keeps float64
 precision for float64 input): each distinct value compiles its own kernels.
@@ -65,6 +69,6 @@ enabled (``TRITON_INTERPRET=1``) before this module is imported.
 """
 from . import kernels
 from .geometry import tile_geometry
-from .ops import eval_forward, train_forward
+from .ops import eval_forward, eval_mixture_forward, train_forward
 
-__all__ = ["eval_forward", "kernels", "tile_geometry", "train_forward"]
+__all__ = ["eval_forward", "eval_mixture_forward", "kernels", "tile_geometry", "train_forward"]

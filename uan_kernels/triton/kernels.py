@@ -205,13 +205,14 @@ def normalize_kernel(
     num_m_tiles, l_tiles, tiles_per_program,
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr,
-    BF16_BY_BITS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, MIXTURE_STATISTICS: tl.constexpr, EPS: tl.constexpr,
+    ACC: tl.constexpr, BF16_BY_BITS: tl.constexpr,
 ):
     """Normalise pass: ``out = gamma * sum_k tau_k (x - mean_k) / sqrt(lam_k (var_k + eps)) + beta``.
 
     The training forward's second pass (batch statistics) and the whole eval
-    forward (given statistics). ``EPS`` is a constexpr so that it has the
+    forward (given statistics; ``MIXTURE_STATISTICS``: the mixture's own,
+    ``(mu, exp(2 log_sigma))``, the eval of update="moving_average"). ``EPS`` is a constexpr so that it has the
     accumulation dtype's precision (a float argument would be float32).
     """
     pid_m = tl.program_id(0)
@@ -221,8 +222,13 @@ def normalize_kernel(
     mu, offset, curvature, _, inv_sqrt_lam = _mixture_block(
         mu_ptr, log_sigma_ptr, mix_logits_ptr, k, c, K, C, ACC
     )
-    stat_mean = _load_kc(mean_ptr, k, c, K, C, 0.0, ACC)[:, :, None]
-    rstd = tl.math.rsqrt(_load_kc(var_ptr, k, c, K, C, 1.0, ACC) + EPS)[:, :, None]
+    if MIXTURE_STATISTICS:
+        stat_mean = mu
+        log_sigma = _load_kc(log_sigma_ptr, k, c, K, C, 0.0, ACC)
+        rstd = tl.math.rsqrt(tl.exp(2.0 * log_sigma) + EPS)[:, :, None]
+    else:
+        stat_mean = _load_kc(mean_ptr, k, c, K, C, 0.0, ACC)[:, :, None]
+        rstd = tl.math.rsqrt(_load_kc(var_ptr, k, c, K, C, 1.0, ACC) + EPS)[:, :, None]
     gamma = _load_channel(weight_ptr, c, C, 1.0, HAS_WEIGHT, ACC)
     beta = _load_channel(bias_ptr, c, C, 0.0, HAS_BIAS, ACC)
     scale = inv_sqrt_lam * rstd * gamma[None, :, None]
@@ -382,3 +388,86 @@ def backward_elementwise_kernel(
         _store_kc(block, sum_dout_tau, k, c, K, C)
         _store_kc(block + K * C, sum_dout_tau_d, k, c, K, C)
         tl.store(dbeta_partials_ptr + pid_m.to(tl.int64) * C + c, sum_dout, mask=c_ok)
+
+
+@triton.jit(do_not_specialize=["num_programs"])
+def backward_statistics_kernel(
+    stat_partials_ptr, dbeta_partials_ptr, mix_logits_ptr, var_ptr, weight_ptr,
+    dmean_ptr, dvar_ptr, grad_weight_ptr, grad_bias_ptr, log_lam_direct_ptr,
+    grad_mu_ptr, grad_log_sigma_ptr, grad_mix_logits_ptr,
+    num_programs, C,
+    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, ZERO_MIXTURE_GRADS: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr,
+):
+    """The backward's O(K*C) step: the programs' ``sum dout tau``, ``sum dout tau d``
+    and ``sum dout`` summed in a fixed order, turned into DESIGN.md's
+    ``Gm = dL/dmean = -a r gamma A``, ``Gv = dL/dvar = -a r^3 gamma B / 2``,
+    ``grad_weight = sum_k a r B``, ``grad_bias`` and the ``d loss / d log lam``
+    term through ``a = lam^-1/2`` (``-a r gamma B / 2``, summed over channels
+    by :func:`parameter_gradients_kernel`). ``ZERO_MIXTURE_GRADS`` writes the
+    zero mixture gradients of update="moving_average" here (no extra launch).
+    """
+    k = tl.arange(0, K_PAD)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    dout_tau = tl.zeros([K_PAD, BLOCK_C], ACC)
+    dout_tau_d = tl.zeros([K_PAD, BLOCK_C], ACC)
+    dout = tl.zeros([BLOCK_C], ACC)
+    block = stat_partials_ptr  # advanced by pointer increments: 64-bit, however many programs
+    dbeta = dbeta_partials_ptr
+    for _ in range(num_programs):
+        dout_tau += _load_kc(block, k, c, K, C, 0.0, ACC)
+        dout_tau_d += _load_kc(block + K * C, k, c, K, C, 0.0, ACC)
+        dout += tl.load(dbeta + c, mask=c_ok, other=0.0).to(ACC)
+        block += 2 * K * C
+        dbeta += C
+    mix_logits = tl.load(mix_logits_ptr + k, mask=k < K, other=_NEG_INF).to(ACC)
+    inv_sqrt_lam = tl.where(k < K, tl.exp2(-0.5 * tm.log2_mixing_weights(mix_logits)), 0.0)
+    rstd = tl.math.rsqrt(_load_kc(var_ptr, k, c, K, C, 1.0, ACC) + EPS)
+    component_scale = inv_sqrt_lam[:, None] * rstd
+    gamma = _load_channel(weight_ptr, c, C, 1.0, HAS_WEIGHT, ACC)[None, :]
+    _store_kc(dmean_ptr, -component_scale * gamma * dout_tau, k, c, K, C)
+    _store_kc(dvar_ptr, -0.5 * component_scale * rstd * rstd * gamma * dout_tau_d, k, c, K, C)
+    _store_kc(log_lam_direct_ptr, -0.5 * component_scale * gamma * dout_tau_d, k, c, K, C)
+    tl.store(grad_weight_ptr + c, tl.sum(component_scale * dout_tau_d, 0), mask=c_ok)
+    tl.store(grad_bias_ptr + c, dout, mask=c_ok)
+    if ZERO_MIXTURE_GRADS:
+        zeros = tl.zeros([K_PAD, BLOCK_C], ACC)
+        _store_kc(grad_mu_ptr, zeros, k, c, K, C)
+        _store_kc(grad_log_sigma_ptr, zeros, k, c, K, C)
+        if tl.program_id(0) == 0:
+            tl.store(grad_mix_logits_ptr + k, tl.zeros([K_PAD], ACC), mask=k < K)
+
+
+@triton.jit(do_not_specialize=["num_programs", "C"])
+def parameter_gradients_kernel(
+    mix_partials_ptr, log_lam_direct_ptr, mix_logits_ptr, grad_mu_ptr, grad_log_sigma_ptr, grad_mix_logits_ptr,
+    num_programs, C,
+    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """Mixture-parameter gradients from the elementwise pass's per-program sums.
+
+    One program, since ``mix_logits`` sums over every channel: per channel
+    block, the programs' ``sum U (x - mu) / sigma^2``, ``sum U (z^2 - 1)`` and
+    ``sum U`` in a fixed order; then ``d log lam = sum_c (sum U + direct term)``
+    through the softmax Jacobian.
+    """
+    k = tl.arange(0, K_PAD)
+    grad_log_lam = tl.zeros([K_PAD], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        sum_u_w = tl.zeros([K_PAD, BLOCK_C], ACC)
+        sum_u_z2m1 = tl.zeros([K_PAD, BLOCK_C], ACC)
+        sum_u = tl.zeros([K_PAD, BLOCK_C], ACC)
+        block = mix_partials_ptr
+        for _ in range(num_programs):
+            sum_u_w += _load_kc(block, k, c, K, C, 0.0, ACC)
+            sum_u_z2m1 += _load_kc(block + K * C, k, c, K, C, 0.0, ACC)
+            sum_u += _load_kc(block + 2 * K * C, k, c, K, C, 0.0, ACC)
+            block += 3 * K * C
+        _store_kc(grad_mu_ptr, sum_u_w, k, c, K, C)
+        _store_kc(grad_log_sigma_ptr, sum_u_z2m1, k, c, K, C)
+        grad_log_lam += tl.sum(sum_u + _load_kc(log_lam_direct_ptr, k, c, K, C, 0.0, ACC), 1)
+    mix_logits = tl.load(mix_logits_ptr + k, mask=k < K, other=_NEG_INF).to(ACC)
+    lam = tl.where(k < K, tl.exp2(tm.log2_mixing_weights(mix_logits)), 0.0)
+    tl.store(grad_mix_logits_ptr + k, grad_log_lam - lam * tl.sum(grad_log_lam, 0), mask=k < K)

@@ -78,7 +78,8 @@ def _launch_normalize(x3, out3, mu, log_sigma, mix_logits, mean, var, weight, bi
         x3, out3, mu, log_sigma, mix_logits, mean, var, weight, bias,
         N, C, L, *x3.stride(), *out3.stride(), *tiles.kernel_args(),
         K=K, K_PAD=triton.next_power_of_2(K), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        EPS=eps, ACC=_triton_dtype(compute_dtype(x3.dtype)), BF16_BY_BITS=_bf16_by_bits(out3),
+        MIXTURE_STATISTICS=mean is None, EPS=eps, ACC=_triton_dtype(compute_dtype(x3.dtype)),
+        BF16_BY_BITS=_bf16_by_bits(out3),
         **tiles.kernel_meta(),
     )
 
@@ -116,6 +117,7 @@ def forward_train(x, mu, log_sigma, mix_logits, weight, bias, eps):
 
 
 def forward_eval(x, mu, log_sigma, mix_logits, mean, var, weight, bias, eps):
+    """Eval forward with given statistics, or with the mixture's own when ``mean`` and ``var`` are None."""
     _check_launch(x, mu)
     mu, log_sigma, mix_logits, mean, var, weight, bias = _params(mu, log_sigma, mix_logits, mean, var, weight, bias)
     out = torch.empty_like(x)
@@ -146,25 +148,28 @@ def backward(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, ep
     launch = dict(K=K, K_PAD=triton.next_power_of_2(K), ACC=_triton_dtype(acc), **tiles.kernel_meta())
     shape_args = (N, C, L, *x3.stride(), *dout3.stride())
 
-    # O(K*C) terms of DESIGN.md in the accumulation dtype: lam, and a_k r_k.
-    log_lam = torch.log_softmax(mix_logits.to(acc), dim=0)
-    rstd = torch.rsqrt(var.to(acc) + eps)
-    component_scale = torch.exp(-0.5 * log_lam)[:, None] * rstd
-    gamma = weight.to(acc)[None, :] if weight is not None else 1.0
-
     # Per-program partial sums; every program writes its rows in full.
     stat_partials = torch.empty((programs, 2, K, C), dtype=acc, device=x.device)
     dbeta_partials = torch.empty((programs, C), dtype=acc, device=x.device)
     mix_partials = torch.empty((programs, 3, K, C), dtype=acc, device=x.device) if mixture_grad else None
+    # What backward_statistics_kernel and parameter_gradients_kernel write: no
+    # O(K*C) tensor ops between the passes.
+    dmean, dvar, log_lam_direct = (torch.empty((K, C), dtype=acc, device=x.device) for _ in range(3))
+    grad_weight, grad_bias = (torch.empty(C, dtype=acc, device=x.device) for _ in range(2))
+    grad_mu, grad_log_sigma = (torch.empty((K, C), dtype=acc, device=x.device) for _ in range(2))
+    grad_mix_logits = torch.empty(K, dtype=acc, device=x.device)
+    finalize_block = min(MERGE_BLOCK_C, triton.next_power_of_2(C))
 
     def statistic_gradients():
-        """``sum dout tau``, ``sum dout tau d`` and ``Gm = dL/dmean``, ``Gv = dL/dvar``."""
-        dout_tau, dout_tau_d = stat_partials.sum(0)
-        dmean = -component_scale * gamma * dout_tau
-        dvar = -0.5 * component_scale * rstd * rstd * gamma * dout_tau_d
-        return dout_tau_d, dmean, dvar
+        """``Gm = dL/dmean``, ``Gv = dL/dvar``, ``grad_weight``, ``grad_bias`` from the programs' sums."""
+        kernels.backward_statistics_kernel[(cdiv(C, finalize_block),)](
+            stat_partials, dbeta_partials, mix_logits, var, weight,
+            dmean, dvar, grad_weight, grad_bias, log_lam_direct, grad_mu, grad_log_sigma, grad_mix_logits,
+            programs, C, K=K, K_PAD=launch["K_PAD"], BLOCK_C=finalize_block, HAS_WEIGHT=weight is not None,
+            ZERO_MIXTURE_GRADS=not mixture_grad, EPS=eps, ACC=launch["ACC"],
+        )
 
-    def launch_elementwise(dmean, dvar):
+    def launch_elementwise():
         if programs:
             kernels.backward_elementwise_kernel[tiles.grid](
                 x3, dout3, dx3, mu, log_sigma, mix_logits, mean, var, weight,
@@ -180,27 +185,19 @@ def backward(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, ep
                 x3, dout3, mu, log_sigma, mix_logits, mean, stat_partials, dbeta_partials,
                 *shape_args, *tiles.kernel_args(), **launch,
             )
-        dout_tau_d, dmean, dvar = statistic_gradients()
-        launch_elementwise(dmean, dvar)
+        statistic_gradients()
+        launch_elementwise()
     else:
         # Eval: the statistics are constants, so dx needs no reduction first.
-        launch_elementwise(None, None)
-        dout_tau_d, dmean, dvar = statistic_gradients()
+        launch_elementwise()
+        statistic_gradients()
     if scratch:
         grad_input.copy_(dx3.view(grad_input.shape))
-
-    grad_weight = (component_scale * dout_tau_d).sum(0)
-    grad_bias = dbeta_partials.sum(0)
     if mixture_grad:
-        # One sum per quantity: outputs of an operator must not be views of one tensor.
-        grad_mu, grad_log_sigma, sum_u = (mix_partials[:, q].sum(0) for q in range(3))
-        # d log(lam_k): through the logits (sum U) and through a_k = lam_k**-0.5.
-        grad_log_lam = (sum_u - 0.5 * component_scale * gamma * dout_tau_d).sum(1)
-        grad_mix_logits = grad_log_lam - log_lam.exp() * grad_log_lam.sum()
-    else:
-        grad_mu = torch.zeros_like(mu)
-        grad_log_sigma = torch.zeros_like(log_sigma)
-        grad_mix_logits = torch.zeros_like(mix_logits)
+        kernels.parameter_gradients_kernel[(1,)](
+            mix_partials, log_lam_direct, mix_logits, grad_mu, grad_log_sigma, grad_mix_logits,
+            programs, C, K=K, K_PAD=launch["K_PAD"], BLOCK_C=finalize_block, ACC=launch["ACC"],
+        )
     param_dtype = mu.dtype
     return (
         grad_input,

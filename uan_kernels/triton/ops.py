@@ -41,6 +41,20 @@ def _triton_forward_eval(
     return launch.forward_eval(x, mu, log_sigma, mix_logits, mean, var, weight, bias, eps)
 
 
+@torch.library.custom_op("uan::triton_forward_mixture", mutates_args=())
+def _triton_forward_mixture(
+    x: Tensor,
+    mu: Tensor,
+    log_sigma: Tensor,
+    mix_logits: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+) -> Tensor:
+    """Eval forward of update="moving_average": the mixture's own ``(mu, exp(2 log_sigma))`` as statistics."""
+    return launch.forward_eval(x, mu, log_sigma, mix_logits, None, None, weight, bias, eps)
+
+
 @torch.library.custom_op("uan::triton_backward", mutates_args=())
 def _triton_backward(
     grad_out: Tensor,
@@ -75,6 +89,11 @@ def _(x, mu, log_sigma, mix_logits, mean, var, weight, bias, eps):
     return torch.empty_like(x)
 
 
+@_triton_forward_mixture.register_fake
+def _(x, mu, log_sigma, mix_logits, weight, bias, eps):
+    return torch.empty_like(x)
+
+
 @_triton_backward.register_fake
 def _(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, eps, mixture_grad):
     channels = mu.shape[1]
@@ -98,12 +117,16 @@ def _setup_forward(ctx, inputs, output):
     x, mu, log_sigma, mix_logits, weight, bias, eps = inputs
     _, mean, var, mass = output
     ctx.mark_non_differentiable(mean, var, mass)
+    # No zero-filled gradients for the statistics (three launches per step).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, mu, log_sigma, mix_logits, weight, mean, var, mass)
     ctx.eps = eps
     ctx.has_bias = bias is not None
 
 
 def _backward_forward(ctx, grad_out, _grad_mean, _grad_var, _grad_mass):
+    if grad_out is None:  # the output does not reach the loss (gradients are not zero-filled)
+        return (None,) * 7
     x, mu, log_sigma, mix_logits, weight, mean, var, mass = ctx.saved_tensors
     grads = torch.ops.uan.triton_backward(
         grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, ctx.eps, _needs_mixture_grad(ctx)
@@ -140,6 +163,32 @@ def _backward_forward_eval(ctx, grad_out):
         grad_mix_logits,
         grad_mean,
         grad_var,
+        grad_weight if weight is not None else None,
+        grad_bias if ctx.has_bias else None,
+        None,
+    )
+
+
+def _setup_forward_mixture(ctx, inputs, output):
+    x, mu, log_sigma, mix_logits, weight, bias, eps = inputs
+    ctx.save_for_backward(x, mu, log_sigma, mix_logits, weight)
+    ctx.eps = eps
+    ctx.has_bias = bias is not None
+
+
+def _backward_forward_mixture(ctx, grad_out):
+    x, mu, log_sigma, mix_logits, weight = ctx.saved_tensors
+    # The statistics (mu, sigma^2) are constants of the eval transform, as in triton_forward_eval.
+    mean, var = mu.detach(), torch.exp(2.0 * log_sigma.detach())
+    grads = torch.ops.uan.triton_backward(
+        grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, None, ctx.eps, _needs_mixture_grad(ctx)
+    )
+    grad_x, grad_mu, grad_log_sigma, grad_mix_logits, grad_weight, grad_bias, _, _ = grads
+    return (
+        grad_x,
+        grad_mu,
+        grad_log_sigma,
+        grad_mix_logits,
         grad_weight if weight is not None else None,
         grad_bias if ctx.has_bias else None,
         None,
@@ -205,6 +254,7 @@ def _double_backward(ctx, *output_grads):
 
 _triton_forward.register_autograd(_backward_forward, setup_context=_setup_forward)
 _triton_forward_eval.register_autograd(_backward_forward_eval, setup_context=_setup_forward_eval)
+_triton_forward_mixture.register_autograd(_backward_forward_mixture, setup_context=_setup_forward_mixture)
 _triton_backward.register_autograd(_double_backward, setup_context=_setup_backward)
 
 
@@ -243,3 +293,16 @@ def eval_forward(
     Differentiable w.r.t. every tensor argument, ``mean`` and ``var`` included.
     """
     return torch.ops.uan.triton_forward_eval(x, mu, log_sigma, mix_logits, mean, var, weight, bias, float(eps))
+
+
+def eval_mixture_forward(
+    x: Tensor,
+    mu: Tensor,
+    log_sigma: Tensor,
+    mix_logits: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Eval forward of update="moving_average" (statistics ``(mu, exp(2 log_sigma))``, constants) in one kernel."""
+    return torch.ops.uan.triton_forward_mixture(x, mu, log_sigma, mix_logits, weight, bias, float(eps))
