@@ -125,9 +125,9 @@ def stats_partials_kernel(
 
     Writes ``partials[program, :, k, c] = (sum tau, mean, sum tau (x - mean)**2)``
     of ``x - pivot_c`` (pivot: the channel's first element, so the sums stay
-    of the order of the spread and not of ``|mean|``). Each tile is summarised
-    with a two-pass mean/deviation on the values in registers, then
-    Chan-merged into the program's running summary.
+    of the order of the spread and not of ``|mean|``). Each lane adds its
+    elements' ``tau``, ``tau x`` and ``tau x**2`` (shifted) across the tiles in
+    registers; the lanes are reduced once, after the loop.
     """
     pid_m = tl.program_id(0)
     k = tl.arange(0, K_PAD)
@@ -137,9 +137,9 @@ def stats_partials_kernel(
     x_c = c.to(tl.int64) * x_sc
     pivot = tl.load(x_ptr + x_c, mask=c_ok, other=0.0).to(ACC)
 
-    count = tl.zeros([K_PAD, BLOCK_C], ACC)
-    mean = tl.zeros([K_PAD, BLOCK_C], ACC)
-    m2 = tl.zeros([K_PAD, BLOCK_C], ACC)
+    lane_mass = tl.zeros([K_PAD, BLOCK_C, BLOCK_N * BLOCK_L], ACC)
+    lane_sum = tl.zeros([K_PAD, BLOCK_C, BLOCK_N * BLOCK_L], ACC)
+    lane_sum_sq = tl.zeros([K_PAD, BLOCK_C, BLOCK_N * BLOCK_L], ACC)
     first = pid_m * tiles_per_program
     for tile in range(first, tl.minimum(first + tiles_per_program, num_m_tiles)):
         n, pos, e_ok = _tile_elements(tile, N, L, l_tiles, BLOCK_N, BLOCK_L)
@@ -149,12 +149,17 @@ def stats_partials_kernel(
         tau = tm.responsibilities(x[None, :, :], mu, offset, curvature)[0]
         tau = tl.where(ok[None, :, :], tau, 0.0)
         shifted = (x - pivot[:, None])[None, :, :]
-        tile_count = tl.sum(tau, 2)
-        tile_mean = tl.sum(tau * shifted, 2) / tl.where(tile_count > 0, tile_count, 1.0)
-        deviation = shifted - tile_mean[:, :, None]
-        tile_m2 = tl.sum(tau * deviation * deviation, 2)
-        count, mean, m2 = tm.chan_merge(count, mean, m2, tile_count, tile_mean, tile_m2)
+        weighted = tau * shifted
+        lane_mass += tau
+        lane_sum += weighted
+        lane_sum_sq += weighted * shifted
 
+    count = tl.sum(lane_mass, 2)
+    shifted_sum = tl.sum(lane_sum, 2)
+    mean = shifted_sum / tl.where(count > 0, count, 1.0)
+    # sum tau (x - mean)**2 about the program's own mean; x is pivot-shifted, so
+    # the subtraction loses only what (mean - pivot)**2 / var costs.
+    m2 = tl.maximum(tl.sum(lane_sum_sq, 2) - mean * shifted_sum, 0.0)
     block = partials_ptr + pid_m.to(tl.int64) * (3 * K * C)
     _store_kc(block, count, k, c, K, C)
     _store_kc(block + K * C, mean, k, c, K, C)
@@ -269,9 +274,10 @@ def backward_reduce_kernel(
     x_c = c.to(tl.int64) * x_sc
     dout_c = c.to(tl.int64) * dout_sc
 
-    sum_dout_tau = tl.zeros([K_PAD, BLOCK_C], ACC)
-    sum_dout_tau_d = tl.zeros([K_PAD, BLOCK_C], ACC)
-    sum_dout = tl.zeros([BLOCK_C], ACC)
+    # Per-lane sums across the tiles, reduced once after the loop.
+    lane_dout_tau = tl.zeros([K_PAD, BLOCK_C, BLOCK_N * BLOCK_L], ACC)
+    lane_dout_tau_d = tl.zeros([K_PAD, BLOCK_C, BLOCK_N * BLOCK_L], ACC)
+    lane_dout = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_L], ACC)
     first = pid_m * tiles_per_program
     for tile in range(first, tl.minimum(first + tiles_per_program, num_m_tiles)):
         n, pos, e_ok = _tile_elements(tile, N, L, l_tiles, BLOCK_N, BLOCK_L)
@@ -283,9 +289,12 @@ def backward_reduce_kernel(
         ).to(ACC)
         tau = tm.responsibilities(x[None, :, :], mu, offset, curvature)[0]
         dout_tau = dout[None, :, :] * tau  # zero outside the tensor: dout was loaded as 0 there
-        sum_dout_tau += tl.sum(dout_tau, 2)
-        sum_dout_tau_d += tl.sum(dout_tau * (x[None, :, :] - stat_mean), 2)
-        sum_dout += tl.sum(dout, 1)
+        lane_dout_tau += dout_tau
+        lane_dout_tau_d += dout_tau * (x[None, :, :] - stat_mean)
+        lane_dout += dout
+    sum_dout_tau = tl.sum(lane_dout_tau, 2)
+    sum_dout_tau_d = tl.sum(lane_dout_tau_d, 2)
+    sum_dout = tl.sum(lane_dout, 1)
 
     block = stat_partials_ptr + pid_m.to(tl.int64) * (2 * K * C)
     _store_kc(block, sum_dout_tau, k, c, K, C)
@@ -336,9 +345,10 @@ def backward_elementwise_kernel(
     dout_c = c.to(tl.int64) * dout_sc
     dx_c = c.to(tl.int64) * dx_sc
 
-    sum_u_w = tl.zeros([K_PAD, BLOCK_C], ACC)
-    sum_u_z2m1 = tl.zeros([K_PAD, BLOCK_C], ACC)
-    sum_u = tl.zeros([K_PAD, BLOCK_C], ACC)
+    # Per-lane sums across the tiles, reduced once after the loop.
+    lane_u_w = tl.zeros([K_PAD, BLOCK_C, BLOCK_N * BLOCK_L], ACC)
+    lane_u_z2m1 = tl.zeros([K_PAD, BLOCK_C, BLOCK_N * BLOCK_L], ACC)
+    lane_u = tl.zeros([K_PAD, BLOCK_C, BLOCK_N * BLOCK_L], ACC)
     sum_dout_tau = tl.zeros([K_PAD, BLOCK_C], ACC)
     sum_dout_tau_d = tl.zeros([K_PAD, BLOCK_C], ACC)
     sum_dout = tl.zeros([BLOCK_C], ACC)
@@ -369,9 +379,9 @@ def backward_elementwise_kernel(
         dx_ptrs = dx_ptr + dx_c[:, None] + _element_offsets(n, pos, dx_sn, dx_sl)[None, :]
         _store_rounded(dx_ptrs, dx, ok, BF16_BY_BITS)
         if MIXTURE_GRAD:
-            sum_u_w += tl.sum(u_w, 2)
-            sum_u_z2m1 += tl.sum(u_w * diff - u, 2)
-            sum_u += tl.sum(u, 2)
+            lane_u_w += u_w
+            lane_u_z2m1 += u_w * diff - u
+            lane_u += u
         if not TRAINING:
             dout_tau = dout[None, :, :] * tau
             sum_dout_tau += tl.sum(dout_tau, 2)
@@ -380,9 +390,9 @@ def backward_elementwise_kernel(
 
     if MIXTURE_GRAD:
         block = mix_partials_ptr + pid_m.to(tl.int64) * (3 * K * C)
-        _store_kc(block, sum_u_w, k, c, K, C)
-        _store_kc(block + K * C, sum_u_z2m1, k, c, K, C)
-        _store_kc(block + 2 * K * C, sum_u, k, c, K, C)
+        _store_kc(block, tl.sum(lane_u_w, 2), k, c, K, C)
+        _store_kc(block + K * C, tl.sum(lane_u_z2m1, 2), k, c, K, C)
+        _store_kc(block + 2 * K * C, tl.sum(lane_u, 2), k, c, K, C)
     if not TRAINING:
         block = stat_partials_ptr + pid_m.to(tl.int64) * (2 * K * C)
         _store_kc(block, sum_dout_tau, k, c, K, C)
