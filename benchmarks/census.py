@@ -1252,7 +1252,7 @@ def _triton_row(case: Case, pass_name: str, update: str, launch: TritonLaunch, w
             return row
         _, iteration, overhead = _steady_state(_flow(compiled.function), _never)
         tile = blocks["BLOCK_C"] * blocks["BLOCK_N"] * blocks["BLOCK_L"]
-        programs, channel_tiles = launch.grid[0], launch.grid[1]
+        channel_tiles, programs = launch.grid[0], launch.grid[1]
         tiles = args["num_m_tiles"] * channel_tiles
         row.iteration_instructions = iteration.instructions
         row.element_loop_instructions = sum(inner.instructions for _, inner in iteration.inner)

@@ -443,3 +443,21 @@ def test_rejects_too_many_components():
 
 def test_interpreted_on_cpu_only_machines():
     assert triton_backend.kernels.INTERPRETED or DEVICE.type == "cuda"
+
+
+def test_channel_tiles_use_the_unlimited_grid_axis():
+    """C = 70000 channel tiles of one channel each: grid axes 1 and 2 stop at 65535."""
+    geometry = triton_backend.tile_geometry(torch.empty(2, 70000, 4096, device="meta"), 3)
+    assert geometry.grid[0] * geometry.block_c >= 70000
+    assert geometry.grid[1] <= 65535
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_runs_on_the_inputs_device_not_the_current_one():
+    x = make_input((4, 3, 5), dtype=torch.float32)
+    params = mixture(3, 2, torch.float32)
+    expected = reference.uan_train(x.double(), *[p.double() for p in params], EPS)[0]
+    with torch.cuda.device(0):
+        out = triton_backend.train_forward(x.to("cuda:1"), *[p.to("cuda:1") for p in params], EPS)[0]
+    assert out.device == torch.device("cuda:1")
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-5, atol=1e-5)

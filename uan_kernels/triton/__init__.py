@@ -50,7 +50,7 @@ math rather than fused kernels.
 Kernels view ``x`` as ``(N, C, L)`` with its own strides (a view for contiguous
 and channels_last tensors, so no hidden copy) and walk it in tiles of
 ``BLOCK_C`` channels by ``BLOCK_N * BLOCK_L`` elements. A grid of
-``(programs, channel tiles)`` programs each loops over a contiguous run of
+``(channel tiles, programs)`` programs each loops over a contiguous run of
 element tiles. Training forward: a statistics pass (per program Chan-merged
 weighted summaries, shifted by a per-channel pivot) + a deterministic merge
 kernel + a normalise pass. Eval forward: the normalise pass alone. Backward:

@@ -52,7 +52,8 @@ class TileGeometry:
 
     @property
     def grid(self) -> Tuple[int, int]:
-        return (self.programs, self.c_tiles)
+        # Channel tiles on axis 0 (up to 2**31 - 1; axes 1 and 2 stop at 65535).
+        return (self.c_tiles, self.programs)
 
     def kernel_args(self) -> Tuple[int, int, int]:
         return (self.m_tiles, self.l_tiles, self.tiles_per_program)

@@ -2,8 +2,9 @@
 
 Kernels view ``x`` as ``(N, C, L)`` with its own strides and walk it in tiles
 of ``BLOCK_C`` channels by ``BLOCK_N * BLOCK_L`` elements; a grid of
-``(programs, channel tiles)`` programs each loops over a contiguous run of
-element tiles. Per-element math lives in :mod:`.element_math`.
+``(channel tiles, programs)`` programs each loops over a contiguous run of
+element tiles. Channel tiles are on grid axis 0, the only axis whose size is
+not limited to 65535. Per-element math lives in :mod:`.element_math`.
 """
 from __future__ import annotations
 
@@ -129,9 +130,9 @@ def stats_partials_kernel(
     elements' ``tau``, ``tau x`` and ``tau x**2`` (shifted) across the tiles in
     registers; the lanes are reduced once, after the loop.
     """
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(1)
     k = tl.arange(0, K_PAD)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     mu, offset, curvature, _, _ = _mixture_block(mu_ptr, log_sigma_ptr, mix_logits_ptr, k, c, K, C, ACC)
     x_c = c.to(tl.int64) * x_sc
@@ -220,9 +221,9 @@ def normalize_kernel(
     ``(mu, exp(2 log_sigma))``, the eval of update="moving_average"). ``EPS`` is a constexpr so that it has the
     accumulation dtype's precision (a float argument would be float32).
     """
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(1)
     k = tl.arange(0, K_PAD)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     mu, offset, curvature, _, inv_sqrt_lam = _mixture_block(
         mu_ptr, log_sigma_ptr, mix_logits_ptr, k, c, K, C, ACC
@@ -265,9 +266,9 @@ def backward_reduce_kernel(
     These are ``A_k / gamma``, ``B_k / gamma`` and ``dbeta`` of DESIGN.md; the
     elementwise pass needs their totals (the gradient of ``m_k``, ``v_k``).
     """
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(1)
     k = tl.arange(0, K_PAD)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     mu, offset, curvature, _, _ = _mixture_block(mu_ptr, log_sigma_ptr, mix_logits_ptr, k, c, K, C, ACC)
     stat_mean = _load_kc(mean_ptr, k, c, K, C, 0.0, ACC)[:, :, None]
@@ -325,9 +326,9 @@ def backward_elementwise_kernel(
     ``U (z**2 - 1)`` and ``U`` (``mix_partials``) for ``d mu``, ``d log_sigma``
     and ``d log(lam)``.
     """
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(1)
     k = tl.arange(0, K_PAD)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     mu, offset, curvature, inv_sigma2, inv_sqrt_lam = _mixture_block(
         mu_ptr, log_sigma_ptr, mix_logits_ptr, k, c, K, C, ACC

@@ -1,6 +1,8 @@
 """Host code of the Triton backend: runs the kernels for the operators in :mod:`.ops`."""
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -12,6 +14,23 @@ from .._backends import MAX_FUSED_COMPONENTS
 from ..reference import compute_dtype
 from . import geometry, kernels
 from .geometry import MERGE_BLOCK_C, cdiv
+
+
+def _on_device_of(position: int):
+    """Run the decorated launcher with its ``position``-th argument's CUDA device
+    current: Triton launches on the current device, which need not be the one
+    holding the tensors (e.g. cuda:1)."""
+
+    def decorate(launcher):
+        @functools.wraps(launcher)
+        def run(*args):
+            x = args[position]
+            with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+                return launcher(*args)
+
+        return run
+
+    return decorate
 
 
 def _triton_dtype(dtype: torch.dtype):
@@ -84,6 +103,7 @@ def _launch_normalize(x3, out3, mu, log_sigma, mix_logits, mean, var, weight, bi
     )
 
 
+@_on_device_of(0)
 def forward_train(x, mu, log_sigma, mix_logits, weight, bias, eps):
     _check_launch(x, mu)
     acc = compute_dtype(x.dtype)
@@ -116,6 +136,7 @@ def forward_train(x, mu, log_sigma, mix_logits, weight, bias, eps):
     return out, mean, var, mass
 
 
+@_on_device_of(0)
 def forward_eval(x, mu, log_sigma, mix_logits, mean, var, weight, bias, eps):
     """Eval forward with given statistics, or with the mixture's own when ``mean`` and ``var`` are None."""
     _check_launch(x, mu)
@@ -132,6 +153,7 @@ def forward_eval(x, mu, log_sigma, mix_logits, mean, var, weight, bias, eps):
     return out
 
 
+@_on_device_of(1)
 def backward(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, eps, mixture_grad):
     _check_launch(x, mu)
     training = mass is not None
