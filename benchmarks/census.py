@@ -20,7 +20,7 @@ Compilation
   ``-I csrc`` and torch's include paths). The kernel instance and launch
   configuration of each case are chosen by host code that only runs on a GPU;
   :func:`cuda_launch` mirrors it, in one place, and the output says so.
-* Triton: ``uan_kernels.triton_ops``' train, backward and eval implementations
+* Triton: the ``uan_kernels.triton`` launchers of the train, backward and eval passes
   run on meta tensors of each case (their tile geometry sees the tensors as
   CUDA tensors of an H100 with 132 SMs), every kernel launch is intercepted,
   and Triton's own binder turns it into the specialisation the JIT would
@@ -1065,7 +1065,7 @@ class _Pointer:
 
 
 class _DeviceView:
-    """A meta tensor as :func:`triton_ops.tile_geometry` sees it: on CUDA device 0."""
+    """A meta tensor as :func:`uan_kernels.triton.geometry.tile_geometry` sees it: on CUDA device 0."""
 
     def __init__(self, tensor):
         import torch
@@ -1079,24 +1079,26 @@ class _DeviceView:
 
 
 @contextlib.contextmanager
-def _gpu_geometry(triton_ops, gpu: Gpu = H100):
+def _gpu_geometry(geometry, gpu: Gpu = H100):
     """Make the launchers pick the block sizes and grid they pick on ``gpu``."""
-    real_geometry, real_sm_count = triton_ops.tile_geometry, triton_ops._gpu_sm_count
-    triton_ops.tile_geometry = lambda x3, components: real_geometry(_DeviceView(x3), components)
-    triton_ops._gpu_sm_count = lambda device_index: gpu.sms
+    real_geometry, real_sm_count = geometry.tile_geometry, geometry._gpu_sm_count
+    geometry.tile_geometry = lambda x3, components: real_geometry(_DeviceView(x3), components)
+    geometry._gpu_sm_count = lambda device_index: gpu.sms
     try:
         yield
     finally:
-        triton_ops.tile_geometry, triton_ops._gpu_sm_count = real_geometry, real_sm_count
+        geometry.tile_geometry, geometry._gpu_sm_count = real_geometry, real_sm_count
 
 
-def _import_compiling_triton_ops():
-    from uan_kernels import triton_ops
+def _import_compiling_triton():
+    """The ``uan_kernels.triton`` package, imported to compile kernels (not to interpret them)."""
+    import uan_kernels.triton
+    from uan_kernels.triton import interpreter
 
-    if triton_ops.INTERPRETED:
-        raise RuntimeError("uan_kernels.triton_ops was imported under TRITON_INTERPRET=1; run the census in a "
+    if interpreter.INTERPRETED:
+        raise RuntimeError("uan_kernels.triton was imported under TRITON_INTERPRET=1; run the census in a "
                            "fresh process without it")
-    return triton_ops
+    return uan_kernels.triton
 
 
 def capture_triton_launches(case: Case) -> Dict[Tuple[str, str], List[TritonLaunch]]:
@@ -1112,7 +1114,7 @@ def capture_triton_launches(case: Case) -> Dict[Tuple[str, str], List[TritonLaun
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    triton_ops = _import_compiling_triton_ops()
+    uan_triton = _import_compiling_triton()
     if not hasattr(triton.runtime.jit.JITFunction, "_pack_args"):
         raise RuntimeError(f"Triton {triton.__version__}'s JIT has no _pack_args (the census needs Triton >= 3.5)")
     backend = make_backend(GPUTarget(*TRITON_TARGET))
@@ -1142,16 +1144,17 @@ def capture_triton_launches(case: Case) -> Dict[Tuple[str, str], List[TritonLaun
     grad = torch.empty_like(x)
     mu, log_sigma = torch.empty(k, c, **meta), torch.empty(k, c, **meta)
     mix_logits, weight, bias = torch.empty(k, **meta), torch.empty(c, **meta), torch.empty(c, **meta)
-    with _gpu_geometry(triton_ops), launch_counts.intercepted_launches(triton_ops, capture):
+    launchers = uan_triton.launch
+    with _gpu_geometry(uan_triton.geometry), launch_counts.intercepted_launches(uan_triton.kernels, capture):
         phase = ("forward", "")
-        _, mean, var, mass = triton_ops._forward_train_impl(x, mu, log_sigma, mix_logits, weight, bias, EPS)
+        _, mean, var, mass = launchers.launch_train_forward(x, mu, log_sigma, mix_logits, weight, bias, EPS)
         for update in UPDATES:
             # Autograd asks for the mixture gradients when mu, log_sigma, mix_logits are parameters.
             phase = ("backward", update)
-            triton_ops._backward_impl(grad, x, mu, log_sigma, mix_logits, weight, mean, var, mass, EPS,
+            launchers.launch_backward(grad, x, mu, log_sigma, mix_logits, weight, mean, var, mass, EPS,
                                       update == "weight")
         phase = ("eval", "")
-        triton_ops._forward_eval_impl(x, mu, log_sigma, mix_logits, mean, var, weight, bias, EPS)
+        launchers.launch_eval_forward(x, mu, log_sigma, mix_logits, mean, var, weight, bias, EPS)
     return launches
 
 

@@ -134,7 +134,7 @@ def count_phase(backend: str, phase: str) -> LaunchCount:
     parameter gradients cleared as an optimizer's ``zero_grad`` leaves them.
     """
     import uan_kernels
-    from uan_kernels import triton_ops
+    from uan_kernels.triton import kernels as triton_kernels
 
     mode, update = phase.split(" ")
     training = mode == "train"
@@ -150,7 +150,7 @@ def count_phase(backend: str, phase: str) -> LaunchCount:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with intercepted_launches(triton_ops, stub):
+        with intercepted_launches(triton_kernels, stub):
             _step(layer, x, grad, training)
             layer.zero_grad(set_to_none=True)
             x.grad = None

@@ -1,4 +1,4 @@
-"""Tests of the Triton backend's kernels and operators (``uan_kernels.triton_ops``).
+"""Tests of the Triton backend's kernels and operators (the ``uan_kernels.triton`` package).
 
 Without a GPU the kernels run on CPU tensors under the Triton interpreter,
 which is slow: shapes are small, and the few larger ones are chosen to give
@@ -19,10 +19,12 @@ import torch.nn.functional as F  # noqa: E402
 pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 
 from conftest import SHAPES, make_input, make_mixture  # noqa: E402
-from uan_kernels import reference, triton_ops  # noqa: E402
+from uan_kernels import reference  # noqa: E402
+from uan_kernels import triton as uan_triton  # noqa: E402
+from uan_kernels.triton import geometry, interpreter  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu" and not triton_ops.INTERPRETED:
+if DEVICE.type == "cpu" and not interpreter.INTERPRETED:
     pytest.skip("no GPU and TRITON_INTERPRET is off: Triton cannot run here", allow_module_level=True)
 
 EPS = 1e-5
@@ -70,9 +72,9 @@ def forward_and_grads(x, params, grad_out, stats=None, eps=EPS):
     params = [None if p is None else p.detach().requires_grad_() for p in params]
     mu, log_sigma, mix_logits, weight, bias = params
     if stats is None:
-        out = triton_ops.train_forward(x, mu, log_sigma, mix_logits, weight, bias, eps)[0]
+        out = uan_triton.train_forward(x, mu, log_sigma, mix_logits, weight, bias, eps)[0]
     else:
-        out = triton_ops.eval_forward(x, mu, log_sigma, mix_logits, *stats, weight, bias, eps)
+        out = uan_triton.eval_forward(x, mu, log_sigma, mix_logits, *stats, weight, bias, eps)
     inputs = [x] + [p for p in params if p is not None]
     return [out.detach(), *torch.autograd.grad(out, inputs, grad_out)]
 
@@ -100,7 +102,7 @@ def reference_forward_and_grads(x, params, grad_out, stats=None, eps=EPS):
 def test_training_forward_matches_reference(dtype, tol, affine, components):
     x = make_input(SHAPES["NCHW"], dtype=dtype, device=DEVICE)
     params = mixture(x.shape[1], components, dtype, affine)
-    out, mean, var, mass = triton_ops.train_forward(x, *params, EPS)
+    out, mean, var, mass = uan_triton.train_forward(x, *params, EPS)
     expected = reference.uan_train(x.double(), *as64(params), EPS)
     stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert out.dtype == dtype and mean.dtype == var.dtype == mass.dtype == stat_dtype
@@ -115,7 +117,7 @@ def test_eval_forward_matches_reference(dtype, tol, affine):
     params = mixture(x.shape[1], 3, dtype, affine)
     stats = eval_stats(x.shape[1], 3, dtype)
     mu, log_sigma, mix_logits, weight, bias = params
-    out = triton_ops.eval_forward(x, mu, log_sigma, mix_logits, *stats, weight, bias, EPS)
+    out = uan_triton.eval_forward(x, mu, log_sigma, mix_logits, *stats, weight, bias, EPS)
     want = reference.uan_eval(x.double(), *as64([mu, log_sigma, mix_logits, *stats, weight, bias]), EPS)
     assert out.dtype == dtype
     assert rel_err(out, want) < tol
@@ -130,11 +132,11 @@ def test_reduced_precision_within_twice_batchnorm_error(dtype, train):
     mu, log_sigma, mix_logits, weight, bias = mixture(4, 3, torch.float32)
     mean, var = eval_stats(4, 3, torch.float32)
     if train:
-        out = triton_ops.train_forward(x, mu, log_sigma, mix_logits, weight, bias, EPS)[0]
+        out = uan_triton.train_forward(x, mu, log_sigma, mix_logits, weight, bias, EPS)[0]
         want = reference.uan_train(x.float(), mu, log_sigma, mix_logits, weight, bias, EPS)[0]
         bn_mean = bn_var = None
     else:
-        out = triton_ops.eval_forward(x, mu, log_sigma, mix_logits, mean, var, weight, bias, EPS)
+        out = uan_triton.eval_forward(x, mu, log_sigma, mix_logits, mean, var, weight, bias, EPS)
         want = reference.uan_eval(x.float(), mu, log_sigma, mix_logits, mean, var, weight, bias, EPS)
         bn_mean, bn_var = mean[0], var[0]
     bn = F.batch_norm(x, bn_mean, bn_var, weight, bias, training=train, eps=EPS)  # float32 params, as under AMP
@@ -147,9 +149,9 @@ def test_reduced_precision_within_twice_batchnorm_error(dtype, train):
 def test_multi_tile_forward_and_gradients_match_reference(train):
     """Several tiles per program and several programs: every merge of partials is used."""
     x = make_input(MULTI_TILE_SHAPE, dtype=torch.float64, device=DEVICE)
-    geometry = triton_ops.tile_geometry(x, 3)
-    assert geometry.programs >= 2
-    assert geometry.tiles_per_program >= 2 or not triton_ops.INTERPRETED
+    tiles = geometry.tile_geometry(x, 3)
+    assert tiles.programs >= 2
+    assert tiles.tiles_per_program >= 2 or not interpreter.INTERPRETED
     params = mixture(3, 3, torch.float64)
     stats = None if train else eval_stats(3, 3)
     grad_out = make_input(x.shape, device=DEVICE, seed=7)
@@ -158,7 +160,7 @@ def test_multi_tile_forward_and_gradients_match_reference(train):
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-10
     if train:
-        stats = triton_ops.train_forward(x, *params, EPS)[1:]
+        stats = uan_triton.train_forward(x, *params, EPS)[1:]
         for g, w in zip(stats, reference.uan_train(x, *params, EPS)[1:]):
             assert rel_err(g, w) < 1e-12
 
@@ -194,13 +196,13 @@ def test_gradcheck(mode):
         mu, log_sigma, mix_logits, weight, bias = params
 
         def fn(x, mu, log_sigma, mix_logits, mean, var, weight, bias):
-            return triton_ops.eval_forward(x, mu, log_sigma, mix_logits, mean, var, weight, bias, EPS)
+            return uan_triton.eval_forward(x, mu, log_sigma, mix_logits, mean, var, weight, bias, EPS)
 
         inputs = (x, mu, log_sigma, mix_logits, *stats, weight, bias)
     else:
 
         def fn(x, mu, log_sigma, mix_logits, weight, bias):
-            return triton_ops.train_forward(x, mu, log_sigma, mix_logits, weight, bias, EPS)[0]
+            return uan_triton.train_forward(x, mu, log_sigma, mix_logits, weight, bias, EPS)[0]
 
         inputs = (x, *params)
     # The variants of "train" check a random projection only: a full Jacobian
@@ -214,7 +216,7 @@ def test_gradgradcheck():
     params = mixture(2, 2, torch.float64, requires_grad=True)
 
     def fn(x, mu, log_sigma, mix_logits, weight, bias):
-        return triton_ops.train_forward(x, mu, log_sigma, mix_logits, weight, bias, EPS)[0]
+        return uan_triton.train_forward(x, mu, log_sigma, mix_logits, weight, bias, EPS)[0]
 
     # fast_mode: one random projection, as the full Jacobian takes ~1 min in the interpreter.
     assert torch.autograd.gradgradcheck(fn, (x, *params), fast_mode=True)
@@ -239,7 +241,7 @@ def test_backward_without_mixture_gradients(training):
     mu, log_sigma, mix_logits, weight, _ = mixture(3, 3, torch.float64)
     grad_out = make_input(x.shape, device=DEVICE, seed=2)
     if training:
-        _, mean, var, mass = triton_ops.train_forward(x, mu, log_sigma, mix_logits, weight, None, EPS)
+        _, mean, var, mass = uan_triton.train_forward(x, mu, log_sigma, mix_logits, weight, None, EPS)
     else:
         (mean, var), mass = eval_stats(3, 3), None
     args = (grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, EPS)
@@ -253,7 +255,7 @@ def test_backward_without_mixture_gradients(training):
 
 def test_statistics_are_not_differentiable():
     x = make_input(SHAPES["NCL"], device=DEVICE, requires_grad=True)
-    out, mean, var, mass = triton_ops.train_forward(x, *mixture(3, 3, torch.float64, requires_grad=True), EPS)
+    out, mean, var, mass = uan_triton.train_forward(x, *mixture(3, 3, torch.float64, requires_grad=True), EPS)
     assert out.requires_grad
     assert not (mean.requires_grad or var.requires_grad or mass.requires_grad)
 
@@ -288,7 +290,7 @@ def test_opcheck_forward_eval(requires_grad):
 def test_opcheck_backward(requires_grad, training):
     x, (mu, log_sigma, mix_logits, weight, _) = _op_inputs(False)
     if training:
-        _, mean, var, mass = triton_ops.train_forward(x, mu, log_sigma, mix_logits, weight, None, EPS)
+        _, mean, var, mass = uan_triton.train_forward(x, mu, log_sigma, mix_logits, weight, None, EPS)
     else:
         (mean, var), mass = eval_stats(3, 2, torch.float32), None
     grad_out = make_input(x.shape, dtype=torch.float32, device=DEVICE, seed=4, requires_grad=requires_grad)
@@ -304,7 +306,7 @@ def test_torch_compile_fullgraph():
     params = mixture(x.shape[1], 3, torch.float32)
 
     def loss_fn(x, mu, log_sigma, mix_logits, weight, bias):
-        out, mean, _, _ = triton_ops.train_forward(x, mu, log_sigma, mix_logits, weight, bias, EPS)
+        out, mean, _, _ = uan_triton.train_forward(x, mu, log_sigma, mix_logits, weight, bias, EPS)
         return (out * out).sum() + mean.sum()
 
     compiled = torch.compile(loss_fn, fullgraph=True)
@@ -365,7 +367,7 @@ def test_block_sizes_do_not_depend_on_batch_size():
     shapes = [(n, 16, 36, 36) for n in (1, 7, 256)]
     blocks = {
         (g.block_c, g.block_n, g.block_l, g.num_warps)
-        for g in (triton_ops.tile_geometry(torch.empty(s, device=DEVICE).flatten(2), 3) for s in shapes)
+        for g in (geometry.tile_geometry(torch.empty(s, device=DEVICE).flatten(2), 3) for s in shapes)
     }
     assert len(blocks) == 1
 
@@ -391,7 +393,7 @@ def test_values_far_from_every_component_stay_finite():
             assert torch.isfinite(t).all()
     # In float64 (where the reference resolves such logits) the values are also right.
     x, params = x.double(), as64(params)
-    for got, want in zip(triton_ops.train_forward(x, *params, EPS), reference.uan_train(x, *params, EPS)):
+    for got, want in zip(uan_triton.train_forward(x, *params, EPS), reference.uan_train(x, *params, EPS)):
         assert rel_err(got, want) < 1e-10
 
 
@@ -401,7 +403,7 @@ def test_large_mean_small_spread_is_accurate():
     params = mixture(2, 3, torch.float32)
     with torch.no_grad():
         params[0] += 1e4  # components near the data, so that every one has mass
-    _, mean, var, mass = triton_ops.train_forward(x, *params, EPS)
+    _, mean, var, mass = uan_triton.train_forward(x, *params, EPS)
     _, want_mean, want_var, want_mass = reference.uan_train(x.double(), *as64(params), EPS)
     assert rel_err(mass, want_mass) < 1e-5
     assert rel_err(mean, want_mean) < 1e-7  # float32 rounding of a value near 1e4
@@ -411,10 +413,10 @@ def test_large_mean_small_spread_is_accurate():
 def test_empty_batch():
     x = make_input((0, 3, 4), dtype=torch.float32, device=DEVICE, requires_grad=True)
     params = mixture(3, 2, torch.float32)
-    out, mean, var, mass = triton_ops.train_forward(x, *params, EPS)
+    out, mean, var, mass = uan_triton.train_forward(x, *params, EPS)
     assert out.shape == x.shape
     assert not (mean.any() or var.any() or mass.any())
-    out = triton_ops.eval_forward(x, *params[:3], *eval_stats(3, 2, torch.float32), *params[3:], EPS)
+    out = uan_triton.eval_forward(x, *params[:3], *eval_stats(3, 2, torch.float32), *params[3:], EPS)
     (grad,) = torch.autograd.grad(out.sum(), x)
     assert grad.shape == x.shape
 
@@ -422,8 +424,8 @@ def test_empty_batch():
 def test_rejects_too_many_components():
     x = make_input(SHAPES["NCL"], dtype=torch.float32, device=DEVICE)
     with pytest.raises(ValueError, match="1 to 16 components"):
-        triton_ops.train_forward(x, *mixture(3, 17, torch.float32), EPS)
+        uan_triton.train_forward(x, *mixture(3, 17, torch.float32), EPS)
 
 
 def test_interpreted_on_cpu_only_machines():
-    assert triton_ops.INTERPRETED or DEVICE.type == "cuda"
+    assert interpreter.INTERPRETED or DEVICE.type == "cuda"

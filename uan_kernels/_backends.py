@@ -43,7 +43,7 @@ def _load_cpp() -> SimpleNamespace:
 
 
 def _load_triton() -> SimpleNamespace:
-    mod = importlib.import_module("uan_kernels.triton_ops")
+    mod = importlib.import_module("uan_kernels.triton")
     return SimpleNamespace(train=mod.train_forward, eval=mod.eval_forward, module=mod)
 
 
@@ -81,7 +81,7 @@ def unavailable_reason(name: str, device: torch.device | None = None) -> str:
             f"backend 'cpp' has no {device.type.upper()} kernel in this build of uan_kernels._C "
             "(CUDA kernels are compiled only when torch has CUDA and nvcc is found at install time)"
         )
-    if name == "triton" and device.type == "cpu" and not backend.module.INTERPRETED:
+    if name == "triton" and device.type == "cpu" and not backend.module.interpreter.INTERPRETED:
         return (
             "backend 'triton' runs CPU tensors only under the Triton interpreter: "
             "set TRITON_INTERPRET=1 before importing uan_kernels"

@@ -1,4 +1,4 @@
-"""Per-element math of UAN shared by the Triton kernels in :mod:`uan_kernels.triton_ops`.
+"""Per-element math of UAN shared by the Triton kernels of :mod:`.kernels`.
 
 Conventions: axis 0 of every 3-D block is the component axis (``K_PAD``, the
 power of two >= K, padded components masked by the caller), axis 1 the channels
