@@ -67,7 +67,7 @@ They are reported separately as "overhead per thread" (roughly a lower
 bound: loops there count one iteration; called subroutines are included) and
 amortised over the elements each thread handles per block, which depends on
 the grid. Kernels whose work is per (quantity, channel) rather than per
-element (CUDA ``sum_partials``, Triton ``_merge_stats_kernel``) get resources
+element (CUDA ``sum_partials``, the Triton finalize kernels) get resources
 but no per-element count. Static counts assume every lane of a warp is
 active; the last iteration of a thread's range may handle fewer elements.
 
@@ -1193,12 +1193,15 @@ def compile_triton(launch: TritonLaunch, workdir: Path) -> CompiledTriton:
     return CompiledTriton(functions[name], resources[name], compiled.metadata.shared, compiled.metadata.num_warps)
 
 
+# Each finalize kernel (O(K*C) work) is listed with the pass whose sums it turns into results.
 _TRITON_PASSES = {
     ("forward", "_stats_partials_kernel"): "statistics",
-    ("forward", "_merge_stats_kernel"): "statistics",
+    ("forward", "_stats_finalize_kernel"): "statistics",
     ("forward", "_normalize_kernel"): "normalize",
     ("backward", "_backward_reduce_kernel"): "backward reduce",
+    ("backward", "_statistic_gradients_kernel"): "backward reduce",
     ("backward", "_backward_elementwise_kernel"): "backward elementwise",
+    ("backward", "_mixture_gradients_kernel"): "backward elementwise",
     ("eval", "_normalize_kernel"): "eval",
 }
 
@@ -1241,7 +1244,7 @@ def _triton_row(case: Case, pass_name: str, update: str, launch: TritonLaunch, w
             return row
         _, iteration, overhead = _steady_state(_flow(compiled.function), _never)
         tile = blocks["BLOCK_C"] * blocks["BLOCK_N"] * blocks["BLOCK_L"]
-        programs, channel_tiles = launch.grid[0], launch.grid[1]
+        channel_tiles, programs = launch.grid[0], launch.grid[1]
         tiles = args["num_m_tiles"] * channel_tiles
         row.iteration_instructions = iteration.instructions
         row.element_loop_instructions = sum(inner.instructions for _, inner in iteration.inner)
@@ -1358,7 +1361,7 @@ METHOD = [
     "CUDA launch configurations (vector or scalar access, block shape, slices, grid) are decided by host code "
     "that needs a GPU; census.cuda_launch mirrors csrc/cuda/uan_cuda.cu's run_pass and launch_shape. Triton "
     "block sizes and grids come from running the real launchers (tile geometry for 132 SMs).",
-    "Per-(quantity, channel) kernels (CUDA sum_partials, Triton _merge_stats_kernel) are listed for their "
+    "Per-(quantity, channel) kernels (CUDA sum_partials, the Triton finalize kernels) are listed for their "
     "resources and launches, not counted per element.",
 ]
 

@@ -51,7 +51,9 @@ class TileGeometry:
 
     @property
     def grid(self) -> Tuple[int, int]:
-        return (self.programs, self.c_tiles)
+        # Channel tiles on axis 0, whose limit is 2**31 - 1 (axes 1 and 2 stop at
+        # 65535); programs per channel tile are a few per SM, far below that.
+        return (self.c_tiles, self.programs)
 
     def kernel_args(self) -> Tuple[int, int, int]:
         return (self.m_tiles, self.l_tiles, self.tiles_per_program)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -17,8 +18,8 @@ from ..reference import compute_dtype
 from . import geometry, interpreter, kernels
 from .geometry import cdiv
 
-# Channels per program of the statistics merge.
-_MERGE_BLOCK_C = 128
+# Channels per program of the finalize kernels (O(K*C) work each).
+_FINALIZE_BLOCK_C = 128
 
 
 def _triton_dtype(dtype: torch.dtype):
@@ -73,6 +74,16 @@ def _check_launch(x: Tensor, mu: Tensor) -> None:
         )
 
 
+def _on_device(x: Tensor):
+    """Launch on ``x``'s GPU, whichever is current (Triton launches on the current device)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _finalize_grid(C: int) -> Tuple[Tuple[int], int]:
+    block_c = min(_FINALIZE_BLOCK_C, triton.next_power_of_2(C))
+    return (cdiv(C, block_c),), block_c
+
+
 def _params(*tensors: Optional[Tensor]):
     """Contiguous ``(K, C)`` / ``(K,)`` / ``(C,)`` operands (no-ops for the usual parameters)."""
     return [None if t is None else t.contiguous() for t in tensors]
@@ -84,13 +95,14 @@ def _launch_normalize(x3, out3, mu, log_sigma, mix_logits, mean, var, weight, bi
     kernels._normalize_kernel[tiles.grid](
         x3, out3, mu, log_sigma, mix_logits, mean, var, weight, bias,
         N, C, L, *x3.stride(), *out3.stride(), *tiles.kernel_args(),
-        K=K, K_PAD=triton.next_power_of_2(K), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        K=K, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         EPS=eps, ACC=_triton_dtype(compute_dtype(x3.dtype)), BF16_BY_BITS=_bf16_by_bits(out3),
         **tiles.kernel_meta(),
     )
 
 
 def launch_train_forward(x, mu, log_sigma, mix_logits, weight, bias, eps):
+    """Statistics pass, its finalize kernel, normalise pass: three launches."""
     _check_launch(x, mu)
     acc = compute_dtype(x.dtype)
     K, C = mu.shape
@@ -104,25 +116,26 @@ def launch_train_forward(x, mu, log_sigma, mix_logits, weight, bias, eps):
     out3, scratch = _output_ncl(out)
     tiles = geometry.tile_geometry(x3, K)
     N, _, L = x3.shape
-    k_pad = triton.next_power_of_2(K)
     partials = torch.empty((tiles.programs, 3, K, C), dtype=acc, device=x.device)
-    kernels._stats_partials_kernel[tiles.grid](
-        x3, mu, log_sigma, mix_logits, partials,
-        N, C, L, *x3.stride(), *tiles.kernel_args(),
-        K=K, K_PAD=k_pad, ACC=_triton_dtype(acc), **tiles.kernel_meta(),
-    )
-    merge_block = min(_MERGE_BLOCK_C, triton.next_power_of_2(C))
-    kernels._merge_stats_kernel[(cdiv(C, merge_block),)](
-        partials, x3, mean, var, mass, tiles.programs, C, x3.stride(1),
-        K=K, K_PAD=k_pad, BLOCK_C=merge_block, ACC=_triton_dtype(acc),
-    )
-    _launch_normalize(x3, out3, mu, log_sigma, mix_logits, mean, var, weight, bias, eps, tiles)
+    finalize_grid, finalize_block = _finalize_grid(C)
+    with _on_device(x):
+        kernels._stats_partials_kernel[tiles.grid](
+            x3, mu, log_sigma, mix_logits, partials,
+            N, C, L, *x3.stride(), *tiles.kernel_args(),
+            K=K, ACC=_triton_dtype(acc), **tiles.kernel_meta(),
+        )
+        kernels._stats_finalize_kernel[finalize_grid](
+            partials, x3, mean, var, mass, tiles.programs, C, x3.stride(1),
+            K=K, BLOCK_C=finalize_block, ACC=_triton_dtype(acc),
+        )
+        _launch_normalize(x3, out3, mu, log_sigma, mix_logits, mean, var, weight, bias, eps, tiles)
     if scratch:
         out.copy_(out3.view(out.shape))
     return out, mean, var, mass
 
 
 def launch_eval_forward(x, mu, log_sigma, mix_logits, mean, var, weight, bias, eps):
+    """The normalise pass alone, with given statistics: one launch."""
     _check_launch(x, mu)
     mu, log_sigma, mix_logits, mean, var, weight, bias = _params(mu, log_sigma, mix_logits, mean, var, weight, bias)
     out = torch.empty_like(x)
@@ -130,92 +143,77 @@ def launch_eval_forward(x, mu, log_sigma, mix_logits, mean, var, weight, bias, e
         return out
     x3 = _input_ncl(x)
     out3, scratch = _output_ncl(out)
-    _launch_normalize(x3, out3, mu, log_sigma, mix_logits, mean, var, weight, bias, eps, geometry.tile_geometry(x3, mu.shape[0]))
+    with _on_device(x):
+        _launch_normalize(x3, out3, mu, log_sigma, mix_logits, mean, var, weight, bias, eps,
+                          geometry.tile_geometry(x3, mu.shape[0]))
     if scratch:
         out.copy_(out3.view(out.shape))
     return out
 
 
 def launch_backward(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, eps, mixture_grad):
+    """Gradients of the training (``mass`` given) or eval forward: four launches in training, three in eval.
+
+    Training: reduction pass, statistics' gradients, elementwise pass,
+    mixture gradients. Eval: the elementwise pass also makes the reduction's
+    sums (the statistics are constants, so ``dx`` needs none first).
+    """
     _check_launch(x, mu)
     training = mass is not None
     acc = compute_dtype(x.dtype)
     K, C = mu.shape
     mu, log_sigma, mix_logits, weight, mean, var, mass = _params(mu, log_sigma, mix_logits, weight, mean, var, mass)
     grad_input = torch.empty_like(x)
+    grad_mu, grad_log_sigma, grad_mix_logits = (torch.empty_like(t) for t in (mu, log_sigma, mix_logits))
+    grad_weight, grad_bias = (mu.new_empty((C,)) for _ in range(2))
+    dmean, dvar = torch.empty_like(mean), torch.empty_like(var)
     x3 = _input_ncl(x)
     dout3 = _input_ncl(grad_out)
     dx3, scratch = _output_ncl(grad_input)
     N, _, L = x3.shape
     tiles = geometry.tile_geometry(x3, K)
     programs = tiles.programs if x.numel() else 0
-    launch = dict(K=K, K_PAD=triton.next_power_of_2(K), ACC=_triton_dtype(acc), **tiles.kernel_meta())
+    launch = dict(K=K, ACC=_triton_dtype(acc), **tiles.kernel_meta())
     shape_args = (N, C, L, *x3.stride(), *dout3.stride())
-
-    # O(K*C) terms of DESIGN.md in the accumulation dtype: lam, and a_k r_k.
-    log_lam = torch.log_softmax(mix_logits.to(acc), dim=0)
-    rstd = torch.rsqrt(var.to(acc) + eps)
-    component_scale = torch.exp(-0.5 * log_lam)[:, None] * rstd
-    gamma = weight.to(acc)[None, :] if weight is not None else 1.0
+    finalize_grid, finalize_block = _finalize_grid(C)
+    finalize = dict(K=K, BLOCK_C=finalize_block, EPS=eps, ACC=_triton_dtype(acc))
 
     # Per-program partial sums; every program writes its rows in full.
-    stat_partials = torch.empty((programs, 2, K, C), dtype=acc, device=x.device)
-    dbeta_partials = torch.empty((programs, C), dtype=acc, device=x.device)
-    mix_partials = torch.empty((programs, 3, K, C), dtype=acc, device=x.device) if mixture_grad else None
+    stat_partials = torch.empty((programs, 2 * K + 1, C), dtype=acc, device=x.device)
+    mixture_partials = torch.empty((programs, 3, K, C), dtype=acc, device=x.device) if mixture_grad else None
 
     def statistic_gradients():
-        """``sum dout tau``, ``sum dout tau d`` and ``Gm = dL/dmean``, ``Gv = dL/dvar``."""
-        dout_tau, dout_tau_d = stat_partials.sum(0)
-        dmean = -component_scale * gamma * dout_tau
-        dvar = -0.5 * component_scale * rstd * rstd * gamma * dout_tau_d
-        return dout_tau_d, dmean, dvar
+        kernels._statistic_gradients_kernel[finalize_grid](
+            stat_partials, mix_logits, var, weight, dmean, dvar, grad_weight, grad_bias, programs, C,
+            HAS_WEIGHT=weight is not None, **finalize,
+        )
 
-    def launch_elementwise(dmean, dvar):
+    def elementwise():
         if programs:
             kernels._backward_elementwise_kernel[tiles.grid](
                 x3, dout3, dx3, mu, log_sigma, mix_logits, mean, var, weight,
-                mass, dmean, dvar, mix_partials, stat_partials, dbeta_partials,
+                mass, dmean, dvar, mixture_partials, stat_partials,
                 *shape_args, *dx3.stride(), *tiles.kernel_args(),
                 HAS_WEIGHT=weight is not None, TRAINING=training, MIXTURE_GRAD=mixture_grad, EPS=eps,
                 BF16_BY_BITS=_bf16_by_bits(dx3), **launch,
             )
 
-    if training:
-        if programs:
-            kernels._backward_reduce_kernel[tiles.grid](
-                x3, dout3, mu, log_sigma, mix_logits, mean, stat_partials, dbeta_partials,
-                *shape_args, *tiles.kernel_args(), **launch,
-            )
-        dout_tau_d, dmean, dvar = statistic_gradients()
-        launch_elementwise(dmean, dvar)
-    else:
-        # Eval: the statistics are constants, so dx needs no reduction first.
-        launch_elementwise(None, None)
-        dout_tau_d, dmean, dvar = statistic_gradients()
+    with _on_device(x):
+        if training:
+            if programs:
+                kernels._backward_reduce_kernel[tiles.grid](
+                    x3, dout3, mu, log_sigma, mix_logits, mean, stat_partials,
+                    *shape_args, *tiles.kernel_args(), **launch,
+                )
+            statistic_gradients()
+            elementwise()
+        else:
+            elementwise()
+            statistic_gradients()
+        kernels._mixture_gradients_kernel[(1,)](
+            mixture_partials, log_sigma, mix_logits, var, dvar, grad_mu, grad_log_sigma, grad_mix_logits,
+            programs, C, MIXTURE_GRAD=mixture_grad, **finalize,
+        )
     if scratch:
         grad_input.copy_(dx3.view(grad_input.shape))
-
-    grad_weight = (component_scale * dout_tau_d).sum(0)
-    grad_bias = dbeta_partials.sum(0)
-    if mixture_grad:
-        # One sum per quantity: outputs of an operator must not be views of one tensor.
-        grad_mu, grad_log_sigma, sum_u = (mix_partials[:, q].sum(0) for q in range(3))
-        # d log(lam_k): through the logits (sum U) and through a_k = lam_k**-0.5.
-        grad_log_lam = (sum_u - 0.5 * component_scale * gamma * dout_tau_d).sum(1)
-        grad_mix_logits = grad_log_lam - log_lam.exp() * grad_log_lam.sum()
-    else:
-        grad_mu = torch.zeros_like(mu)
-        grad_log_sigma = torch.zeros_like(log_sigma)
-        grad_mix_logits = torch.zeros_like(mix_logits)
-    param_dtype = mu.dtype
-    return (
-        grad_input,
-        grad_mu.to(param_dtype),
-        grad_log_sigma.to(param_dtype),
-        grad_mix_logits.to(param_dtype),
-        grad_weight.to(param_dtype),
-        grad_bias.to(param_dtype),
-        dmean.to(mean.dtype),
-        dvar.to(var.dtype),
-    )
-
+    return grad_input, grad_mu, grad_log_sigma, grad_mix_logits, grad_weight, grad_bias, dmean, dvar

@@ -101,12 +101,16 @@ def _setup_forward(ctx, inputs, output):
     x, mu, log_sigma, mix_logits, weight, bias, eps = inputs
     _, mean, var, mass = output
     ctx.mark_non_differentiable(mean, var, mass)
+    # The statistics get no gradient: no zero tensors (three fills) for them.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, mu, log_sigma, mix_logits, weight, mean, var, mass)
     ctx.eps = eps
     ctx.has_bias = bias is not None
 
 
 def _backward_forward(ctx, grad_out, _grad_mean, _grad_var, _grad_mass):
+    if grad_out is None:  # grads are not materialised: out took no part in the loss
+        return (None,) * 7
     x, mu, log_sigma, mix_logits, weight, mean, var, mass = ctx.saved_tensors
     grads = torch.ops.uan.triton_backward(
         grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, ctx.eps, _needs_mixture_grad(ctx)
