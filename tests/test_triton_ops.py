@@ -363,6 +363,41 @@ def test_grad_output_in_another_layout():
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
 
 
+class _GpuTensorShape:
+    """What tile_geometry reads of a tensor (shape, strides, device), as if on an H100 (cuda:0)."""
+
+    def __init__(self, shape, strides):
+        self.shape, self._strides, self.device = torch.Size(shape), strides, torch.device("cuda", 0)
+
+    def stride(self):
+        return self._strides
+
+
+@pytest.mark.parametrize("shape,strides", [((2, 70000, 1), (70000, 1, 1)), ((8, 100000, 9), (900000, 1, 100000)),
+                                           ((4, 70000, 16), (1120000, 16, 1))])
+def test_gpu_grid_stays_within_cuda_limits(monkeypatch, shape, strides):
+    """More than 65535 channel tiles: they go on grid axis 0 (limit 2**31 - 1), programs on axis 1 (65535)."""
+    monkeypatch.setattr(geometry, "_gpu_sm_count", lambda device_index: 132)
+    tiles = geometry.tile_geometry(_GpuTensorShape(shape, strides), 3)
+    assert tiles.grid == (tiles.c_tiles, tiles.programs)
+    assert tiles.c_tiles * tiles.block_c >= shape[1]
+    assert tiles.grid[0] < 2**31 and tiles.grid[1] <= 65535
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_runs_on_the_inputs_gpu_not_the_current_one():
+    device = torch.device("cuda", 1)
+    x = make_input(SHAPES["NCHW"], dtype=torch.float32, device=device)
+    params = [t.to(device) for t in mixture(x.shape[1], 3, torch.float32)]
+    grad_out = make_input(x.shape, dtype=torch.float32, device=device, seed=3)
+    with torch.cuda.device(0):
+        got = forward_and_grads(x, params, grad_out)
+    want = reference_forward_and_grads(x, params, grad_out)
+    for g, w in zip(got, want):
+        assert g.device == device
+        assert rel_err(g, w.to(device)) < 1e-4
+
+
 def test_block_sizes_do_not_depend_on_batch_size():
     shapes = [(n, 16, 36, 36) for n in (1, 7, 256)]
     blocks = {
