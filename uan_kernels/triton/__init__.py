@@ -49,13 +49,16 @@ math rather than fused kernels.
 Kernels view ``x`` as ``(N, C, L)`` with its own strides (a view for contiguous
 and channels_last tensors, so no hidden copy) and walk it in tiles of
 ``BLOCK_C`` channels by ``BLOCK_N * BLOCK_L`` elements. A grid of
-``(programs, channel tiles)`` programs each loops over a contiguous run of
-element tiles. Training forward: a statistics pass (per program Chan-merged
-weighted summaries, shifted by a per-channel pivot) + a deterministic merge
-kernel + a normalise pass. Eval forward: the normalise pass alone. Backward:
-a reduction pass (training only) + an elementwise pass writing ``grad_input``
-and per-program partial sums, reduced by ``torch.sum`` (no atomics, so every
-result is bitwise reproducible).
+``(channel tiles, programs)`` programs each loops over a contiguous run of
+element tiles, carrying per-lane partial sums that it reduces once at the end.
+Training forward (3 launches): a statistics pass (sums shifted by a
+per-channel pivot), a finalize kernel (mean, var, mass), a normalise pass.
+Eval forward (1 launch): the normalise pass alone. Training backward (4
+launches): a reduction pass, a finalize kernel (the statistics' and affine
+gradients), an elementwise pass writing ``grad_input``, a finalize kernel (the
+mixture parameters' gradients); eval backward drops the reduction pass, its
+sums coming from the elementwise pass. Per-program partial sums are added in
+a fixed order, without atomics, so every result is bitwise reproducible.
 
 ``eps`` is a compile-time constant of the kernels (so that it keeps float64
 precision for float64 input): each distinct value compiles its own kernels.

@@ -111,6 +111,10 @@ def tile_geometry(x3: Tensor, num_components: int) -> TileGeometry:
     else:
         block_l = _fit_block(L, tile)
         block_c = _fit_block(C, max(1, _MIN_CONTIGUOUS_RUN // block_l))
+        if on_gpu and block_c > 1 and k_pad >= 8:
+            # The backward's ~10 K per-(k, c) constants of several channels per
+            # thread: at K = 8 a full tile spills (as channels_last would, above).
+            tile //= 2
     block_n = max(1, tile // (block_c * block_l))
     l_tiles = cdiv(L, block_l)
     c_tiles = cdiv(C, block_c)
