@@ -20,7 +20,7 @@ Compilation
   ``-I csrc`` and torch's include paths). The kernel instance and launch
   configuration of each case are chosen by host code that only runs on a GPU;
   :func:`cuda_launch` mirrors it, in one place, and the output says so.
-* Triton: ``uan_kernels.triton.launch``'s train, backward and eval implementations
+* Triton: the ``uan_kernels.triton`` launchers of the train, backward and eval passes
   run on meta tensors of each case (their tile geometry sees the tensors as
   CUDA tensors of an H100 with 132 SMs), every kernel launch is intercepted,
   and Triton's own binder turns it into the specialisation the JIT would
@@ -67,8 +67,7 @@ They are reported separately as "overhead per thread" (roughly a lower
 bound: loops there count one iteration; called subroutines are included) and
 amortised over the elements each thread handles per block, which depends on
 the grid. Kernels whose work is per (quantity, channel) rather than per
-element (CUDA ``finalize_*``, Triton ``merge_stats_kernel`` and the backward's
-finalize kernels) get resources
+element (CUDA ``finalize_*``, the Triton finalize kernels) get resources
 but no per-element count. Static counts assume every lane of a warp is
 active; the last iteration of a thread's range may handle fewer elements.
 
@@ -1102,14 +1101,15 @@ def _gpu_geometry(geometry, gpu: Gpu = H100):
         geometry.tile_geometry, geometry._gpu_sm_count = real_geometry, real_sm_count
 
 
-def _import_compiling_triton_backend():
-    """The Triton backend's launch, kernels and geometry modules, compiling (not interpreted)."""
-    from uan_kernels.triton import geometry, kernels, launch
+def _import_compiling_triton():
+    """The ``uan_kernels.triton`` package, imported to compile kernels (not to interpret them)."""
+    import uan_kernels.triton
+    from uan_kernels.triton import interpreter
 
-    if kernels.INTERPRETED:
+    if interpreter.INTERPRETED:
         raise RuntimeError("uan_kernels.triton was imported under TRITON_INTERPRET=1; run the census in a "
                            "fresh process without it")
-    return launch, kernels, geometry
+    return uan_kernels.triton
 
 
 def capture_triton_launches(case: Case) -> Dict[Tuple[str, str], List[TritonLaunch]]:
@@ -1125,7 +1125,7 @@ def capture_triton_launches(case: Case) -> Dict[Tuple[str, str], List[TritonLaun
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    launch, kernels, geometry = _import_compiling_triton_backend()
+    uan_triton = _import_compiling_triton()
     if not hasattr(triton.runtime.jit.JITFunction, "_pack_args"):
         raise RuntimeError(f"Triton {triton.__version__}'s JIT has no _pack_args (the census needs Triton >= 3.5)")
     backend = make_backend(GPUTarget(*TRITON_TARGET))
@@ -1155,15 +1155,17 @@ def capture_triton_launches(case: Case) -> Dict[Tuple[str, str], List[TritonLaun
     grad = torch.empty_like(x)
     mu, log_sigma = torch.empty(k, c, **meta), torch.empty(k, c, **meta)
     mix_logits, weight, bias = torch.empty(k, **meta), torch.empty(c, **meta), torch.empty(c, **meta)
-    with _gpu_geometry(geometry), launch_counts.intercepted_launches(kernels, capture):
+    launchers = uan_triton.launch
+    with _gpu_geometry(uan_triton.geometry), launch_counts.intercepted_launches(uan_triton.kernels, capture):
         phase = ("forward", "")
-        _, mean, var, mass = launch.forward_train(x, mu, log_sigma, mix_logits, weight, bias, EPS)
+        _, mean, var, mass = launchers.launch_train_forward(x, mu, log_sigma, mix_logits, weight, bias, EPS)
         for update in UPDATES:
             # Autograd asks for the mixture gradients when mu, log_sigma, mix_logits are parameters.
             phase = ("backward", update)
-            launch.backward(grad, x, mu, log_sigma, mix_logits, weight, mean, var, mass, EPS, update == "weight")
+            launchers.launch_backward(grad, x, mu, log_sigma, mix_logits, weight, mean, var, mass, EPS,
+                                      update == "weight")
         phase = ("eval", "")
-        launch.forward_eval(x, mu, log_sigma, mix_logits, mean, var, weight, bias, EPS)
+        launchers.launch_eval_forward(x, mu, log_sigma, mix_logits, mean, var, weight, bias, EPS)
     return launches
 
 
@@ -1202,15 +1204,16 @@ def compile_triton(launch: TritonLaunch, workdir: Path) -> CompiledTriton:
     return CompiledTriton(functions[name], resources[name], compiled.metadata.shared, compiled.metadata.num_warps)
 
 
+# Each finalize kernel (O(K*C) work) is listed with the pass whose sums it turns into results.
 _TRITON_PASSES = {
-    ("forward", "stats_partials_kernel"): "statistics",
-    ("forward", "merge_stats_kernel"): "statistics",
-    ("forward", "normalize_kernel"): "normalize",
-    ("backward", "backward_reduce_kernel"): "backward reduce",
-    ("backward", "backward_statistics_kernel"): "backward reduce",
-    ("backward", "backward_elementwise_kernel"): "backward elementwise",
-    ("backward", "parameter_gradients_kernel"): "backward elementwise",
-    ("eval", "normalize_kernel"): "eval",
+    ("forward", "_stats_partials_kernel"): "statistics",
+    ("forward", "_stats_finalize_kernel"): "statistics",
+    ("forward", "_normalize_kernel"): "normalize",
+    ("backward", "_backward_reduce_kernel"): "backward reduce",
+    ("backward", "_statistic_gradients_kernel"): "backward reduce",
+    ("backward", "_backward_elementwise_kernel"): "backward elementwise",
+    ("backward", "_mixture_gradients_kernel"): "backward elementwise",
+    ("eval", "_normalize_kernel"): "eval",
 }
 
 
@@ -1385,8 +1388,7 @@ METHOD = [
     "CUDA launch configurations (vector or scalar access, block shape, slices, grid) are decided by host code "
     "that needs a GPU; census.cuda_launch mirrors csrc/cuda/uan_cuda.cu's run_pass and launch_shape. Triton "
     "block sizes and grids come from running the real launchers (tile geometry for 132 SMs).",
-    "Per-channel kernels (CUDA finalize_*, Triton merge_stats_kernel, backward_statistics_kernel, "
-    "parameter_gradients_kernel) are listed for their "
+    "Per-channel kernels (CUDA finalize_*, the Triton finalize kernels) are listed for their "
     "resources and launches, not counted per element.",
 ]
 

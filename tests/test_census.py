@@ -37,10 +37,13 @@ EXPECTED_LAUNCHES = {
     },
 }
 TRITON_TRAIN_KERNELS = {
-    "stats_partials_kernel": 1, "merge_stats_kernel": 1, "normalize_kernel": 1,
-    "backward_reduce_kernel": 1, "backward_statistics_kernel": 1, "backward_elementwise_kernel": 1,
-    "parameter_gradients_kernel": 1,
+    "_stats_partials_kernel": 1, "_stats_finalize_kernel": 1, "_normalize_kernel": 1,
+    "_backward_reduce_kernel": 1, "_statistic_gradients_kernel": 1,
+    "_backward_elementwise_kernel": 1, "_mixture_gradients_kernel": 1,
 }
+# The Triton host code adds no ATen op of its own to a step: a training step's
+# only one is the running-statistics update of functional.uan.
+TRITON_TRAIN_WEIGHT_ATEN = {"aten::_foreach_lerp_": 1}
 
 
 def _as_json(counts):
@@ -63,6 +66,7 @@ def test_launch_counts_are_pinned_and_stable(counts, backend):
         assert launch_counts.count_phase(backend, phase) == count  # stable from one step to the next
     if backend == "triton":
         assert counts["triton"]["train weight"].triton_by_name == TRITON_TRAIN_KERNELS
+        assert counts["triton"]["train weight"].aten_by_name == TRITON_TRAIN_WEIGHT_ATEN
 
 
 # Kernel launches on a GPU per training step (forward + backward, autograd's

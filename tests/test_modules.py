@@ -259,8 +259,8 @@ def test_bad_eps_at_call_time_changes_nothing():
 
 
 def test_triton_backend_without_interpreter_is_a_clear_error(monkeypatch):
-    kernels = pytest.importorskip("uan_kernels.triton.kernels")
-    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    interpreter = pytest.importorskip("uan_kernels.triton.interpreter")
+    monkeypatch.setattr(interpreter, "INTERPRETED", False)
     layer = UAN(3, backend="triton")
     before = snapshot(layer)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):

@@ -1,4 +1,4 @@
-"""Tests of the Triton backend's kernels and operators (``uan_kernels.triton``).
+"""Tests of the Triton backend's kernels and operators (the ``uan_kernels.triton`` package).
 
 Without a GPU the kernels run on CPU tensors under the Triton interpreter,
 which is slow: shapes are small, and the few larger ones are chosen to give
@@ -20,10 +20,11 @@ pytest.importorskip("triton", reason="the Triton backend needs the triton packag
 
 from conftest import SHAPES, make_input, make_mixture  # noqa: E402
 from uan_kernels import reference  # noqa: E402
-from uan_kernels import triton as triton_backend  # noqa: E402
+from uan_kernels import triton as uan_triton  # noqa: E402
+from uan_kernels.triton import geometry, interpreter  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu" and not triton_backend.kernels.INTERPRETED:
+if DEVICE.type == "cpu" and not interpreter.INTERPRETED:
     pytest.skip("no GPU and TRITON_INTERPRET is off: Triton cannot run here", allow_module_level=True)
 
 EPS = 1e-5
@@ -71,9 +72,9 @@ def forward_and_grads(x, params, grad_out, stats=None, eps=EPS):
     params = [None if p is None else p.detach().requires_grad_() for p in params]
     mu, log_sigma, mix_logits, weight, bias = params
     if stats is None:
-        out = triton_backend.train_forward(x, mu, log_sigma, mix_logits, weight, bias, eps)[0]
+        out = uan_triton.train_forward(x, mu, log_sigma, mix_logits, weight, bias, eps)[0]
     else:
-        out = triton_backend.eval_forward(x, mu, log_sigma, mix_logits, *stats, weight, bias, eps)
+        out = uan_triton.eval_forward(x, mu, log_sigma, mix_logits, *stats, weight, bias, eps)
     inputs = [x] + [p for p in params if p is not None]
     return [out.detach(), *torch.autograd.grad(out, inputs, grad_out)]
 
@@ -101,7 +102,7 @@ def reference_forward_and_grads(x, params, grad_out, stats=None, eps=EPS):
 def test_training_forward_matches_reference(dtype, tol, affine, components):
     x = make_input(SHAPES["NCHW"], dtype=dtype, device=DEVICE)
     params = mixture(x.shape[1], components, dtype, affine)
-    out, mean, var, mass = triton_backend.train_forward(x, *params, EPS)
+    out, mean, var, mass = uan_triton.train_forward(x, *params, EPS)
     expected = reference.uan_train(x.double(), *as64(params), EPS)
     stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert out.dtype == dtype and mean.dtype == var.dtype == mass.dtype == stat_dtype
@@ -116,7 +117,7 @@ def test_eval_forward_matches_reference(dtype, tol, affine):
     params = mixture(x.shape[1], 3, dtype, affine)
     stats = eval_stats(x.shape[1], 3, dtype)
     mu, log_sigma, mix_logits, weight, bias = params
-    out = triton_backend.eval_forward(x, mu, log_sigma, mix_logits, *stats, weight, bias, EPS)
+    out = uan_triton.eval_forward(x, mu, log_sigma, mix_logits, *stats, weight, bias, EPS)
     want = reference.uan_eval(x.double(), *as64([mu, log_sigma, mix_logits, *stats, weight, bias]), EPS)
     assert out.dtype == dtype
     assert rel_err(out, want) < tol
@@ -131,11 +132,11 @@ def test_reduced_precision_within_twice_batchnorm_error(dtype, train):
     mu, log_sigma, mix_logits, weight, bias = mixture(4, 3, torch.float32)
     mean, var = eval_stats(4, 3, torch.float32)
     if train:
-        out = triton_backend.train_forward(x, mu, log_sigma, mix_logits, weight, bias, EPS)[0]
+        out = uan_triton.train_forward(x, mu, log_sigma, mix_logits, weight, bias, EPS)[0]
         want = reference.uan_train(x.float(), mu, log_sigma, mix_logits, weight, bias, EPS)[0]
         bn_mean = bn_var = None
     else:
-        out = triton_backend.eval_forward(x, mu, log_sigma, mix_logits, mean, var, weight, bias, EPS)
+        out = uan_triton.eval_forward(x, mu, log_sigma, mix_logits, mean, var, weight, bias, EPS)
         want = reference.uan_eval(x.float(), mu, log_sigma, mix_logits, mean, var, weight, bias, EPS)
         bn_mean, bn_var = mean[0], var[0]
     bn = F.batch_norm(x, bn_mean, bn_var, weight, bias, training=train, eps=EPS)  # float32 params, as under AMP
@@ -148,9 +149,9 @@ def test_reduced_precision_within_twice_batchnorm_error(dtype, train):
 def test_multi_tile_forward_and_gradients_match_reference(train):
     """Several tiles per program and several programs: every merge of partials is used."""
     x = make_input(MULTI_TILE_SHAPE, dtype=torch.float64, device=DEVICE)
-    geometry = triton_backend.tile_geometry(x, 3)
-    assert geometry.programs >= 2
-    assert geometry.tiles_per_program >= 2 or not triton_backend.kernels.INTERPRETED
+    tiles = geometry.tile_geometry(x, 3)
+    assert tiles.programs >= 2
+    assert tiles.tiles_per_program >= 2 or not interpreter.INTERPRETED
     params = mixture(3, 3, torch.float64)
     stats = None if train else eval_stats(3, 3)
     grad_out = make_input(x.shape, device=DEVICE, seed=7)
@@ -159,7 +160,7 @@ def test_multi_tile_forward_and_gradients_match_reference(train):
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-10
     if train:
-        stats = triton_backend.train_forward(x, *params, EPS)[1:]
+        stats = uan_triton.train_forward(x, *params, EPS)[1:]
         for g, w in zip(stats, reference.uan_train(x, *params, EPS)[1:]):
             assert rel_err(g, w) < 1e-12
 
@@ -195,13 +196,13 @@ def test_gradcheck(mode):
         mu, log_sigma, mix_logits, weight, bias = params
 
         def fn(x, mu, log_sigma, mix_logits, mean, var, weight, bias):
-            return triton_backend.eval_forward(x, mu, log_sigma, mix_logits, mean, var, weight, bias, EPS)
+            return uan_triton.eval_forward(x, mu, log_sigma, mix_logits, mean, var, weight, bias, EPS)
 
         inputs = (x, mu, log_sigma, mix_logits, *stats, weight, bias)
     else:
 
         def fn(x, mu, log_sigma, mix_logits, weight, bias):
-            return triton_backend.train_forward(x, mu, log_sigma, mix_logits, weight, bias, EPS)[0]
+            return uan_triton.train_forward(x, mu, log_sigma, mix_logits, weight, bias, EPS)[0]
 
         inputs = (x, *params)
     # The variants of "train" check a random projection only: a full Jacobian
@@ -215,7 +216,7 @@ def test_gradgradcheck():
     params = mixture(2, 2, torch.float64, requires_grad=True)
 
     def fn(x, mu, log_sigma, mix_logits, weight, bias):
-        return triton_backend.train_forward(x, mu, log_sigma, mix_logits, weight, bias, EPS)[0]
+        return uan_triton.train_forward(x, mu, log_sigma, mix_logits, weight, bias, EPS)[0]
 
     # fast_mode: one random projection, as the full Jacobian takes ~1 min in the interpreter.
     assert torch.autograd.gradgradcheck(fn, (x, *params), fast_mode=True)
@@ -240,7 +241,7 @@ def test_backward_without_mixture_gradients(training):
     mu, log_sigma, mix_logits, weight, _ = mixture(3, 3, torch.float64)
     grad_out = make_input(x.shape, device=DEVICE, seed=2)
     if training:
-        _, mean, var, mass = triton_backend.train_forward(x, mu, log_sigma, mix_logits, weight, None, EPS)
+        _, mean, var, mass = uan_triton.train_forward(x, mu, log_sigma, mix_logits, weight, None, EPS)
     else:
         (mean, var), mass = eval_stats(3, 3), None
     args = (grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, EPS)
@@ -254,7 +255,7 @@ def test_backward_without_mixture_gradients(training):
 
 def test_statistics_are_not_differentiable():
     x = make_input(SHAPES["NCL"], device=DEVICE, requires_grad=True)
-    out, mean, var, mass = triton_backend.train_forward(x, *mixture(3, 3, torch.float64, requires_grad=True), EPS)
+    out, mean, var, mass = uan_triton.train_forward(x, *mixture(3, 3, torch.float64, requires_grad=True), EPS)
     assert out.requires_grad
     assert not (mean.requires_grad or var.requires_grad or mass.requires_grad)
 
@@ -289,9 +290,9 @@ def test_forward_mixture_is_eval_with_the_mixture_statistics(requires_grad):
     x, (mu, log_sigma, mix_logits, weight, bias) = _op_inputs(requires_grad)
     args = (x, mu, log_sigma, mix_logits, weight, bias, EPS)
     torch.library.opcheck(torch.ops.uan.triton_forward_mixture.default, args)
-    out = triton_backend.eval_mixture_forward(*args)
+    out = uan_triton.eval_mixture_forward(*args)
     stats = (mu.detach(), torch.exp(2 * log_sigma.detach()))
-    expected = triton_backend.eval_forward(x, mu, log_sigma, mix_logits, *stats, weight, bias, EPS)
+    expected = uan_triton.eval_forward(x, mu, log_sigma, mix_logits, *stats, weight, bias, EPS)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     if requires_grad:
         inputs = (x, mu, log_sigma, mix_logits, weight, bias)
@@ -304,7 +305,7 @@ def test_forward_mixture_is_eval_with_the_mixture_statistics(requires_grad):
 def test_opcheck_backward(requires_grad, training):
     x, (mu, log_sigma, mix_logits, weight, _) = _op_inputs(False)
     if training:
-        _, mean, var, mass = triton_backend.train_forward(x, mu, log_sigma, mix_logits, weight, None, EPS)
+        _, mean, var, mass = uan_triton.train_forward(x, mu, log_sigma, mix_logits, weight, None, EPS)
     else:
         (mean, var), mass = eval_stats(3, 2, torch.float32), None
     grad_out = make_input(x.shape, dtype=torch.float32, device=DEVICE, seed=4, requires_grad=requires_grad)
@@ -320,7 +321,7 @@ def test_torch_compile_fullgraph():
     params = mixture(x.shape[1], 3, torch.float32)
 
     def loss_fn(x, mu, log_sigma, mix_logits, weight, bias):
-        out, mean, _, _ = triton_backend.train_forward(x, mu, log_sigma, mix_logits, weight, bias, EPS)
+        out, mean, _, _ = uan_triton.train_forward(x, mu, log_sigma, mix_logits, weight, bias, EPS)
         return (out * out).sum() + mean.sum()
 
     compiled = torch.compile(loss_fn, fullgraph=True)
@@ -377,11 +378,46 @@ def test_grad_output_in_another_layout():
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
 
 
+class _GpuTensorShape:
+    """What tile_geometry reads of a tensor (shape, strides, device), as if on an H100 (cuda:0)."""
+
+    def __init__(self, shape, strides):
+        self.shape, self._strides, self.device = torch.Size(shape), strides, torch.device("cuda", 0)
+
+    def stride(self):
+        return self._strides
+
+
+@pytest.mark.parametrize("shape,strides", [((2, 70000, 1), (70000, 1, 1)), ((8, 100000, 9), (900000, 1, 100000)),
+                                           ((4, 70000, 16), (1120000, 16, 1))])
+def test_gpu_grid_stays_within_cuda_limits(monkeypatch, shape, strides):
+    """More than 65535 channel tiles: they go on grid axis 0 (limit 2**31 - 1), programs on axis 1 (65535)."""
+    monkeypatch.setattr(geometry, "_gpu_sm_count", lambda device_index: 132)
+    tiles = geometry.tile_geometry(_GpuTensorShape(shape, strides), 3)
+    assert tiles.grid == (tiles.c_tiles, tiles.programs)
+    assert tiles.c_tiles * tiles.block_c >= shape[1]
+    assert tiles.grid[0] < 2**31 and tiles.grid[1] <= 65535
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_runs_on_the_inputs_gpu_not_the_current_one():
+    device = torch.device("cuda", 1)
+    x = make_input(SHAPES["NCHW"], dtype=torch.float32, device=device)
+    params = [t.to(device) for t in mixture(x.shape[1], 3, torch.float32)]
+    grad_out = make_input(x.shape, dtype=torch.float32, device=device, seed=3)
+    with torch.cuda.device(0):
+        got = forward_and_grads(x, params, grad_out)
+    want = reference_forward_and_grads(x, params, grad_out)
+    for g, w in zip(got, want):
+        assert g.device == device
+        assert rel_err(g, w.to(device)) < 1e-4
+
+
 def test_block_sizes_do_not_depend_on_batch_size():
     shapes = [(n, 16, 36, 36) for n in (1, 7, 256)]
     blocks = {
         (g.block_c, g.block_n, g.block_l, g.num_warps)
-        for g in (triton_backend.tile_geometry(torch.empty(s, device=DEVICE).flatten(2), 3) for s in shapes)
+        for g in (geometry.tile_geometry(torch.empty(s, device=DEVICE).flatten(2), 3) for s in shapes)
     }
     assert len(blocks) == 1
 
@@ -407,7 +443,7 @@ def test_values_far_from_every_component_stay_finite():
             assert torch.isfinite(t).all()
     # In float64 (where the reference resolves such logits) the values are also right.
     x, params = x.double(), as64(params)
-    for got, want in zip(triton_backend.train_forward(x, *params, EPS), reference.uan_train(x, *params, EPS)):
+    for got, want in zip(uan_triton.train_forward(x, *params, EPS), reference.uan_train(x, *params, EPS)):
         assert rel_err(got, want) < 1e-10
 
 
@@ -417,7 +453,7 @@ def test_large_mean_small_spread_is_accurate():
     params = mixture(2, 3, torch.float32)
     with torch.no_grad():
         params[0] += 1e4  # components near the data, so that every one has mass
-    _, mean, var, mass = triton_backend.train_forward(x, *params, EPS)
+    _, mean, var, mass = uan_triton.train_forward(x, *params, EPS)
     _, want_mean, want_var, want_mass = reference.uan_train(x.double(), *as64(params), EPS)
     assert rel_err(mass, want_mass) < 1e-5
     assert rel_err(mean, want_mean) < 1e-7  # float32 rounding of a value near 1e4
@@ -427,10 +463,10 @@ def test_large_mean_small_spread_is_accurate():
 def test_empty_batch():
     x = make_input((0, 3, 4), dtype=torch.float32, device=DEVICE, requires_grad=True)
     params = mixture(3, 2, torch.float32)
-    out, mean, var, mass = triton_backend.train_forward(x, *params, EPS)
+    out, mean, var, mass = uan_triton.train_forward(x, *params, EPS)
     assert out.shape == x.shape
     assert not (mean.any() or var.any() or mass.any())
-    out = triton_backend.eval_forward(x, *params[:3], *eval_stats(3, 2, torch.float32), *params[3:], EPS)
+    out = uan_triton.eval_forward(x, *params[:3], *eval_stats(3, 2, torch.float32), *params[3:], EPS)
     (grad,) = torch.autograd.grad(out.sum(), x)
     assert grad.shape == x.shape
 
@@ -438,26 +474,8 @@ def test_empty_batch():
 def test_rejects_too_many_components():
     x = make_input(SHAPES["NCL"], dtype=torch.float32, device=DEVICE)
     with pytest.raises(ValueError, match="1 to 16 components"):
-        triton_backend.train_forward(x, *mixture(3, 17, torch.float32), EPS)
+        uan_triton.train_forward(x, *mixture(3, 17, torch.float32), EPS)
 
 
 def test_interpreted_on_cpu_only_machines():
-    assert triton_backend.kernels.INTERPRETED or DEVICE.type == "cuda"
-
-
-def test_channel_tiles_use_the_unlimited_grid_axis():
-    """C = 70000 channel tiles of one channel each: grid axes 1 and 2 stop at 65535."""
-    geometry = triton_backend.tile_geometry(torch.empty(2, 70000, 4096, device="meta"), 3)
-    assert geometry.grid[0] * geometry.block_c >= 70000
-    assert geometry.grid[1] <= 65535
-
-
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_runs_on_the_inputs_device_not_the_current_one():
-    x = make_input((4, 3, 5), dtype=torch.float32)
-    params = mixture(3, 2, torch.float32)
-    expected = reference.uan_train(x.double(), *[p.double() for p in params], EPS)[0]
-    with torch.cuda.device(0):
-        out = triton_backend.train_forward(x.to("cuda:1"), *[p.to("cuda:1") for p in params], EPS)[0]
-    assert out.device == torch.device("cuda:1")
-    torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-5, atol=1e-5)
+    assert interpreter.INTERPRETED or DEVICE.type == "cuda"

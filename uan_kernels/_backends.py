@@ -85,7 +85,7 @@ def unavailable_reason(name: str, device: torch.device | None = None) -> str:
             f"backend 'cpp' has no {device.type.upper()} kernel in this build of uan_kernels._C "
             "(CUDA kernels are compiled only when torch has CUDA and nvcc is found at install time)"
         )
-    if name == "triton" and device.type == "cpu" and not backend.module.kernels.INTERPRETED:
+    if name == "triton" and device.type == "cpu" and not backend.module.interpreter.INTERPRETED:
         return (
             "backend 'triton' runs CPU tensors only under the Triton interpreter: "
             "set TRITON_INTERPRET=1 before importing uan_kernels"

@@ -1,9 +1,10 @@
 """Triton backend of UAN: fused kernels, their launchers and the ``uan::triton_*`` operators.
 
-Modules: :mod:`.element_math` (per-element math shared by the kernels),
-:mod:`.kernels` (the ``@triton.jit`` kernels), :mod:`.geometry` (tiles and
-grid), :mod:`.launch` (host code that runs the kernels), :mod:`.ops`
-(operators, fake implementations, autograd).
+Modules: :mod:`.kernels` (the ``@triton.jit`` kernels), :mod:`.element_math`
+(their per-element math), :mod:`.geometry` (block sizes and grid),
+:mod:`.launch` (host launchers), :mod:`.ops` (operators, fake
+implementations, autograd), :mod:`.interpreter` (whether the kernels run in
+Triton's interpreter).
 
 Public functions (the ``"triton"`` backend of :mod:`uan_kernels._backends`):
 
@@ -51,24 +52,23 @@ Kernels view ``x`` as ``(N, C, L)`` with its own strides (a view for contiguous
 and channels_last tensors, so no hidden copy) and walk it in tiles of
 ``BLOCK_C`` channels by ``BLOCK_N * BLOCK_L`` elements. A grid of
 ``(channel tiles, programs)`` programs each loops over a contiguous run of
-element tiles. Training forward: a statistics pass (per program Chan-merged
-weighted summaries, shifted by a per-channel pivot) + a deterministic merge
-kernel + a normalise pass. Eval forward: the normalise pass alone. Backward:
-a reduction pass (training only) + an elementwise pass writing ``grad_input``
-and per-program partial sums; two small kernels add the programs' sums in a
-fixed order (no atomics, so every result is bitwise reproducible) and turn
-them into the statistics' and the parameters' gradients, so no tensor op runs
-between the passes.
+element tiles, carrying per-lane partial sums that it reduces once at the end.
+Training forward (3 launches): a statistics pass (sums shifted by a
+per-channel pivot), a finalize kernel (mean, var, mass), a normalise pass.
+Eval forward (1 launch): the normalise pass alone. Training backward (4
+launches): a reduction pass, a finalize kernel (the statistics' and affine
+gradients), an elementwise pass writing ``grad_input``, a finalize kernel (the
+mixture parameters' gradients); eval backward drops the reduction pass, its
+sums coming from the elementwise pass. Per-program partial sums are added in
+a fixed order, without atomics, so every result is bitwise reproducible.
 
 ``eps`` is a compile-time constant of the kernels (so that it keeps float64
 precision for float64 input): each distinct value compiles its own kernels.
 Statistics and all accumulation are float32, or float64 for float64 input.
 
 On CPU tensors the kernels run under the Triton interpreter, which must be
-enabled (``TRITON_INTERPRET=1``) before this module is imported.
+enabled (``TRITON_INTERPRET=1``) before this package is imported.
 """
-from . import kernels
-from .geometry import tile_geometry
 from .ops import eval_forward, eval_mixture_forward, train_forward
 
-__all__ = ["eval_forward", "eval_mixture_forward", "kernels", "tile_geometry", "train_forward"]
+__all__ = ["eval_forward", "eval_mixture_forward", "train_forward"]

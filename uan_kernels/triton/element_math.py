@@ -1,110 +1,215 @@
-"""Per-element math of UAN shared by the Triton kernels in :mod:`.kernels`.
+"""Per-element math of UAN shared by the Triton kernels of :mod:`.kernels`, on folded constants.
 
-Conventions: axis 0 of every 3-D block is the component axis (``K_PAD``, the
-power of two >= K, padded components masked by the caller), axis 1 the channels
-of the tile and axis 2 its elements. Per-component values are passed as
-``[K_PAD, BLOCK_C, 1]`` blocks and element values as ``[1, BLOCK_C, BLOCK_E]``
-blocks, so the functions below broadcast them to ``[K_PAD, BLOCK_C, BLOCK_E]``.
-All arithmetic happens in the dtype of the inputs (float32, or float64 for
-float64 tensors); Python float constants adopt that dtype.
+Every per-(k, c) quantity that does not depend on the element is computed once
+per program (or by a finalize kernel), so that an element costs a few fused
+multiply-adds per component (DESIGN.md, "Instruction-minimal element math").
 
-Notation of DESIGN.md: ``tau`` responsibilities, ``d = x - m_k`` the element
-centred on a component's statistic, ``T = dL/dtau``, ``U = dL/dlogit``.
+Conventions: a kernel holds its ``K`` components as tuples of ``K`` blocks
+(unrolled with ``tl.static_range``), so exactly ``K`` exponentials are computed
+per element, never padded ones. Per-component constants are ``[BLOCK_C, 1]``
+blocks, element values ``[BLOCK_C, BLOCK_E]`` blocks. Elements enter as
+``xs = x - pivot``, centred on a per-channel pivot (a value of the channel), so
+that folded offsets such as ``b_k = -a_k (mu_k - pivot)`` stay of the order of
+the data's spread and do not cancel when ``|x| >> spread``. All arithmetic
+happens in the dtype of the inputs (float32, or float64 for float64 tensors).
+
+Notation of DESIGN.md: ``tau`` responsibilities, ``d = x - m_k``,
+``T = dL/dtau``, ``U = dL/dlogit``.
 """
+import math
+
 import triton
 import triton.language as tl
 
+from .interpreter import INTERPRETED
+
 LOG2E = tl.constexpr(1.4426950408889634)
+# t_k = a_k (x - mu_k) with a_k = RESPONSIBILITY_SCALE / sigma_k makes the base-2
+# logit's quadratic term exactly t_k**2: log2(e) * z**2 / 2 = t**2.
+RESPONSIBILITY_SCALE = tl.constexpr(math.sqrt(1.4426950408889634 / 2))
+# (x - mu) / sigma**2 = t * a * GRADIENT_SCALE and z**2 = t**2 * GRADIENT_SCALE.
+GRADIENT_SCALE = tl.constexpr(2 / 1.4426950408889634)
+# The interpreter runs no PTX.
+_PTX = tl.constexpr(not INTERPRETED)
 
 
 @triton.jit
-def log2_mixing_weights(mix_logits):
-    """``log2(softmax(mix_logits))`` of a ``[K_PAD]`` vector whose padding holds ``-inf``.
+def reciprocal(x):
+    """``1 / x``; in float32 on a GPU the hardware's approximation (relative error below 2**-22).
 
-    Padded entries stay ``-inf``; base 2 because the responsibilities use ``exp2``.
+    ``x`` is a sum of the ``e_k``, in ``[1, K]``: no operand is near a range
+    limit, so the IEEE division's scaling fix-ups (8 instructions) are not needed.
     """
-    scaled = mix_logits * LOG2E
-    shifted = scaled - tl.max(scaled, 0)
-    return shifted - tl.log2(tl.sum(tl.exp2(shifted), 0))
+    if _PTX and x.dtype == tl.float32:
+        inverse = tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        inverse = 1.0 / x
+    return inverse
 
 
 @triton.jit
-def logit_coefficients(log2_lam, log_sigma):
-    """Per-component ``(offset, curvature)`` of the base-2 logits.
+def log2_mixing_weights(mix_logits, K: tl.constexpr):
+    """``log2(softmax(mix_logits))`` of a tuple of ``K`` logits (base 2: the responsibilities use ``exp2``)."""
+    top = mix_logits[0]
+    for k in tl.static_range(1, K):
+        top = tl.maximum(top, mix_logits[k])
+    total = tl.exp2((mix_logits[0] - top) * LOG2E)
+    for k in tl.static_range(1, K):
+        total += tl.exp2((mix_logits[k] - top) * LOG2E)
+    log2_total = top * LOG2E + tl.log2(total)
+    log2_lam = ()
+    for k in tl.static_range(K):
+        log2_lam = log2_lam + (mix_logits[k] * LOG2E - log2_total,)
+    return log2_lam
 
-    ``log2(e) * logit_k = offset_k - curvature_k * (x - mu_k)**2`` with
-    ``offset = log2(lam) - log2(e) * log_sigma`` and
-    ``curvature = log2(e) / (2 sigma**2)``: two multiply-adds per element and
-    component instead of a division and a logarithm.
+
+@triton.jit
+def logit_coefficients(mu, log_sigma, log2_lam, pivot):
+    """Per-component ``(a, b, prior)``: ``log2(e) * logit = prior - (a * xs + b)**2``.
+
+    ``a = RESPONSIBILITY_SCALE / sigma``, ``b = -a (mu - pivot)``,
+    ``prior = log2(lam) - log2(e) log_sigma``: one multiply-add and one
+    negated multiply-add per element and component.
     """
-    offset = log2_lam - log_sigma * LOG2E
-    curvature = (0.5 * LOG2E) * tl.exp(-2.0 * log_sigma)
-    return offset, curvature
+    a = RESPONSIBILITY_SCALE * tl.exp(-log_sigma)
+    b = (pivot - mu) * a
+    prior = log2_lam - LOG2E * log_sigma
+    return a, b, prior
 
 
 @triton.jit
-def responsibilities(x, mu, offset, curvature):
-    """``(tau, x - mu)``: the softmax over components of the element's logits.
+def component_weights(xs, a, b, prior, K: tl.constexpr):
+    """``(t, e, total)``: ``t_k = a_k xs + b_k``, unnormalised ``e_k`` and ``total = sum_k e_k``.
 
-    The max is subtracted before ``exp2`` so an element far from every
-    component still gets a valid distribution (the largest term is exactly 1,
-    hence the sum is in ``[1, K]`` and its reciprocal never overflows).
-    Padded components must carry ``offset = -inf``, which gives them ``tau = 0``.
+    ``tau_k = e_k / total``. The largest logit is subtracted before ``exp2``, so
+    an element far from every component still gets a valid distribution (the
+    largest ``e_k`` is exactly 1, so ``total`` is in ``[1, K]``).
     """
-    diff = x - mu
-    logit2 = offset - curvature * diff * diff
-    weights = tl.exp2(logit2 - tl.max(logit2, 0, keep_dims=True))
-    tau = weights * (1.0 / tl.sum(weights, 0, keep_dims=True))
-    return tau, diff
+    t = ()
+    logits = ()
+    for k in tl.static_range(K):
+        t_k = a[k] * xs + b[k]
+        t = t + (t_k,)
+        logits = logits + (prior[k] - t_k * t_k,)
+    top = logits[0]
+    for k in tl.static_range(1, K):
+        top = tl.maximum(top, logits[k])
+    e = (tl.exp2(logits[0] - top),)
+    total = e[0]
+    for k in tl.static_range(1, K):
+        e_k = tl.exp2(logits[k] - top)
+        e = e + (e_k,)
+        total += e_k
+    return t, e, total
 
 
 @triton.jit
-def mixture_normalize(tau, centered, scale):
-    """``sum_k tau_k * scale_k * centered_k``, the normalised element (SPEC eq. 9).
+def mixture_transform(xs, e, scale, offset, K: tl.constexpr):
+    """``sum_k e_k (scale_k xs + offset_k)``: times ``1 / total``, the normalised element (SPEC eq. 9).
 
-    ``scale_k = gamma / (sqrt(lam_k) * sqrt(var_k + eps))``; ``centered_k = x - m_k``.
+    ``scale_k = gamma / sqrt(lam_k (var_k + eps))`` and
+    ``offset_k = beta - scale_k (mean_k - pivot)``: beta folds into the offsets
+    because the ``tau_k`` sum to 1.
     """
-    return tl.sum(tau * scale * centered, 0)
+    acc = tl.zeros_like(xs)
+    for k in tl.static_range(K):
+        acc += e[k] * (scale[k] * xs + offset[k])
+    return acc
 
 
 @triton.jit
-def batch_stats_dtau(direct, centered, dmean_per_mass, dvar_per_mass, var):
-    """``T = dL/dtau`` in training, where ``m_k`` and ``v_k`` also depend on ``tau``.
+def accumulate_moments(mass, first, second, e, inv_total, xs, K: tl.constexpr):
+    """Add an element's ``tau_k``, ``tau_k xs`` and ``tau_k xs**2`` to the running per-lane sums."""
+    new_mass = ()
+    new_first = ()
+    new_second = ()
+    for k in tl.static_range(K):
+        tau = e[k] * inv_total
+        tau_x = tau * xs
+        new_mass = new_mass + (mass[k] + tau,)
+        new_first = new_first + (first[k] + tau_x,)
+        new_second = new_second + (second[k] + tau_x * xs,)
+    return new_mass, new_first, new_second
 
-    ``direct = g a_k r_k`` (the gradient reaching ``y`` times the component
-    scale), ``dmean_per_mass = Gm_k / S_k`` and ``dvar_per_mass = Gv_k / S_k``
-    (DESIGN.md): ``T = (direct + Gm/S) d + Gv/S (d**2 - v)``.
+
+@triton.jit
+def accumulate_dout_moments(dout_tau_sum, dout_tau_d_sum, dout_per_total, e, xs, delta, K: tl.constexpr):
+    """Add ``dout tau_k`` and ``dout tau_k d_k`` (``d_k = xs - delta_k = x - m_k``) to the running sums."""
+    new_tau = ()
+    new_tau_d = ()
+    for k in tl.static_range(K):
+        dout_tau = dout_per_total * e[k]
+        new_tau = new_tau + (dout_tau_sum[k] + dout_tau,)
+        new_tau_d = new_tau_d + (dout_tau_d_sum[k] + dout_tau * (xs - delta[k]),)
+    return new_tau, new_tau_d
+
+
+@triton.jit
+def batch_stats_dtau(xs, dout, e, scale, delta, dmean_per_mass, dvar_per_mass, var, K: tl.constexpr):
+    """Training: ``(T, sum_k e_k T_k, sum_k e_k direct_k)`` with ``m_k``, ``v_k`` depending on ``tau``.
+
+    ``T_k = (g_k + Gm_k/S_k) d_k + Gv_k/S_k (d_k**2 - v_k)`` with
+    ``g_k = dout scale_k`` (DESIGN.md); ``direct_k = g_k + Gm_k/S_k + 2 Gv_k/S_k d_k``
+    is the part of ``dx`` that does not pass through ``tau``.
     """
-    return (direct + dmean_per_mass) * centered + dvar_per_mass * (centered * centered - var)
+    dtau = ()
+    weighted_dtau = tl.zeros_like(xs)
+    weighted_direct = tl.zeros_like(xs)
+    for k in tl.static_range(K):
+        d = xs - delta[k]
+        g = dout * scale[k] + dmean_per_mass[k]
+        dtau_k = g * d + dvar_per_mass[k] * (d * d - var[k])
+        dtau = dtau + (dtau_k,)
+        weighted_dtau += e[k] * dtau_k
+        weighted_direct += e[k] * (g + 2.0 * dvar_per_mass[k] * d)
+    return dtau, weighted_dtau, weighted_direct
 
 
 @triton.jit
-def batch_stats_dx_direct(tau, direct, centered, dmean_per_mass, dvar_per_mass):
-    """The part of ``dx`` that does not pass through ``tau`` in training.
+def given_stats_dtau(xs, dout, e, scale, delta, K: tl.constexpr):
+    """Eval: ``(T, sum_k e_k T_k, sum_k e_k g_k)`` with given statistics, ``T_k = g_k d_k``, ``g_k = dout scale_k``."""
+    dtau = ()
+    weighted_dtau = tl.zeros_like(xs)
+    weighted_direct = tl.zeros_like(xs)
+    for k in tl.static_range(K):
+        g = dout * scale[k]
+        dtau_k = g * (xs - delta[k])
+        dtau = dtau + (dtau_k,)
+        weighted_dtau += e[k] * dtau_k
+        weighted_direct += e[k] * g
+    return dtau, weighted_dtau, weighted_direct
 
-    ``sum_k tau_k (g a_k r_k + Gm_k / S_k + 2 Gv_k d_k / S_k)``: ``x`` enters
-    ``d_k`` directly and ``m_k``, ``v_k`` through their weighted sums.
+
+@triton.jit
+def logit_gradients(e, dtau, t, inv_total, weighted_dtau, a, K: tl.constexpr):
+    """``(U t, U, sum_k U_k (x - mu_k) / sigma_k**2)`` with ``U_k = tau_k (T_k - sum_j tau_j T_j)``.
+
+    ``(x - mu_k) / sigma_k**2 = t_k a_k GRADIENT_SCALE``; the last term is what
+    ``dx`` loses through the logits (``d logit / d x = -(x - mu) / sigma**2``).
     """
-    return tl.sum(tau * (direct + dmean_per_mass + 2.0 * dvar_per_mass * centered), 0)
+    mean_dtau = weighted_dtau * inv_total
+    u_t = ()
+    u = ()
+    through_logits = tl.zeros_like(mean_dtau)
+    for k in tl.static_range(K):
+        u_k = (e[k] * inv_total) * (dtau[k] - mean_dtau)
+        u_t_k = u_k * t[k]
+        u = u + (u_k,)
+        u_t = u_t + (u_t_k,)
+        through_logits += (a[k] * GRADIENT_SCALE) * u_t_k
+    return u_t, u, through_logits
 
 
 @triton.jit
-def logit_gradient(tau, dtau):
-    """``U = dL/dlogit = tau * (T - sum_j tau_j T_j)``, the softmax's Jacobian applied to ``T``."""
-    return tau * (dtau - tl.sum(tau * dtau, 0, keep_dims=True))
-
-
-@triton.jit
-def chan_merge(count, mean, m2, part_count, part_mean, part_m2):
-    """Merge two weighted ``(sum of weights, mean, sum of squared deviations)`` summaries.
-
-    Chan et al.'s pairwise update: no ``E[x^2] - E[x]^2`` cancellation, so the
-    variance stays accurate when ``|mean| >> std``. Empty summaries (zero
-    weight) leave the other one unchanged.
-    """
-    total = count + part_count
-    part_share = part_count / tl.where(total > 0, total, 1.0)
-    delta = part_mean - mean
-    merged_mean = mean + delta * part_share
-    merged_m2 = m2 + part_m2 + delta * delta * count * part_share
-    return total, merged_mean, merged_m2
+def accumulate_logit_gradients(sum_u_t, sum_u_t2, sum_u, u_t, u, t, K: tl.constexpr):
+    """Add ``U t``, ``U t**2`` and ``U`` (for ``d mu``, ``d log_sigma``, ``d log lam``) to the running sums."""
+    new_u_t = ()
+    new_u_t2 = ()
+    new_u = ()
+    for k in tl.static_range(K):
+        new_u_t = new_u_t + (sum_u_t[k] + u_t[k],)
+        new_u_t2 = new_u_t2 + (sum_u_t2[k] + u_t[k] * t[k],)
+        new_u = new_u + (sum_u[k] + u[k],)
+    return new_u_t, new_u_t2, new_u

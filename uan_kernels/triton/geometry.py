@@ -1,4 +1,4 @@
-"""Launch geometry of the Triton kernels: tile sizes, grid and loop bounds."""
+"""Launch geometry of the Triton kernels: block sizes, grid and loop bounds of a ``(N, C, L)`` tensor."""
 from __future__ import annotations
 
 import functools
@@ -28,7 +28,6 @@ _MIN_CONTIGUOUS_RUN = 128
 # cross-program merge, more would only slow the interpreter down.
 _INTERPRETER_PROGRAMS = 2
 _GPU_PROGRAMS_PER_SM = 4
-MERGE_BLOCK_C = 128
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,8 @@ class TileGeometry:
 
     @property
     def grid(self) -> Tuple[int, int]:
-        # Channel tiles on axis 0 (up to 2**31 - 1; axes 1 and 2 stop at 65535).
+        # Channel tiles on axis 0, whose limit is 2**31 - 1 (axes 1 and 2 stop at
+        # 65535); programs per channel tile are a few per SM, far below that.
         return (self.c_tiles, self.programs)
 
     def kernel_args(self) -> Tuple[int, int, int]:
@@ -111,6 +111,10 @@ def tile_geometry(x3: Tensor, num_components: int) -> TileGeometry:
     else:
         block_l = _fit_block(L, tile)
         block_c = _fit_block(C, max(1, _MIN_CONTIGUOUS_RUN // block_l))
+        if on_gpu and block_c > 1 and k_pad >= 8:
+            # The backward's ~10 K per-(k, c) constants of several channels per
+            # thread: at K = 8 a full tile spills (as channels_last would, above).
+            tile //= 2
     block_n = max(1, tile // (block_c * block_l))
     l_tiles = cdiv(L, block_l)
     c_tiles = cdiv(C, block_c)
@@ -124,3 +128,4 @@ def tile_geometry(x3: Tensor, num_components: int) -> TileGeometry:
     programs = max(1, cdiv(m_tiles, max(1, tiles_per_program)))
     num_warps = 8 if tile >= 256 else 4
     return TileGeometry(block_c, block_n, block_l, c_tiles, l_tiles, m_tiles, programs, tiles_per_program, num_warps)
+

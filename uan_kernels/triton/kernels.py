@@ -1,33 +1,19 @@
-"""The Triton kernels of the UAN backend (host code in :mod:`.launch`).
+"""The Triton kernels of UAN's fused passes (DESIGN.md), and the block helpers they share.
 
-Kernels view ``x`` as ``(N, C, L)`` with its own strides and walk it in tiles
-of ``BLOCK_C`` channels by ``BLOCK_N * BLOCK_L`` elements; a grid of
+Element passes view ``x`` as ``(N, C, L)`` with its own strides and walk it in
+tiles of ``BLOCK_C`` channels by ``BLOCK_N * BLOCK_L`` elements; a grid of
 ``(channel tiles, programs)`` programs each loops over a contiguous run of
-element tiles. Channel tiles are on grid axis 0, the only axis whose size is
-not limited to 65535. Per-element math lives in :mod:`.element_math`.
+element tiles (:mod:`.geometry`), carries per-lane partial sums in registers
+and reduces them once, after the loop, into its row of a partials buffer.
+Finalize kernels turn those rows, summed in a fixed order (no atomics, so
+results are bitwise reproducible), into the O(K*C) results and constants.
+The per-element math is in :mod:`.element_math`.
 """
-from __future__ import annotations
-
-import os
-
 import triton
 import triton.language as tl
 
 from ..reference import MASS_EPS
 from . import element_math as tm
-
-
-def _interpreter_enabled() -> bool:
-    """Triton's own reading of ``TRITON_INTERPRET`` (``triton.knobs`` since Triton 3.4)."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-# Whether @triton.jit functions run in the interpreter (the only way to run
-# them on CPU tensors); Triton reads the setting when the kernels below are defined.
-INTERPRETED: bool = _interpreter_enabled()
 
 # Ints that vary with the batch size are not specialised on (divisibility by
 # 16, equality to 1), so a new batch size does not trigger a recompilation.
@@ -35,58 +21,57 @@ _BATCH_DEPENDENT_ARGS = ["N", "num_m_tiles", "tiles_per_program"]
 
 # Globals read inside kernels must be constexpr.
 _MASS_EPS = tl.constexpr(MASS_EPS)
-_NEG_INF = tl.constexpr(float("-inf"))
+
+
+# --------------------------------------------------------------------------- #
+# Block helpers
+# --------------------------------------------------------------------------- #
 
 
 @triton.jit
-def _tile_elements(tile, N, L, l_tiles, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Batch index, position along L and validity of the elements of element tile ``tile``."""
+def _tile_lanes(BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Each lane's ``(n, position)`` relative to its tile's first element, the same for every tile."""
     e = tl.arange(0, BLOCK_N * BLOCK_L)
-    n = (tile // l_tiles) * BLOCK_N + e // BLOCK_L
-    pos = (tile % l_tiles) * BLOCK_L + e % BLOCK_L
-    return n, pos, (n < N) & (pos < L)
+    return e // BLOCK_L, e % BLOCK_L
 
 
 @triton.jit
-def _element_offsets(n, pos, stride_n, stride_l):
-    """int64 offsets of the elements of one channel, so tensors beyond 2**31 elements work."""
-    return n.to(tl.int64) * stride_n + pos.to(tl.int64) * stride_l
+def _lane_offsets(c, stride_c, stride_n, stride_l, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    """int64 offsets of a tile's ``[BLOCK_C, BLOCK_E]`` elements from its first one, computed once per program."""
+    lane_n, lane_pos = _tile_lanes(BLOCK_N, BLOCK_L)
+    lanes = lane_n.to(tl.int64) * stride_n + lane_pos.to(tl.int64) * stride_l
+    return c.to(tl.int64)[:, None] * stride_c + lanes[None, :]
 
 
 @triton.jit
-def _load_kc(ptr, k, c, K, C, other, ACC: tl.constexpr):
-    """A ``[K_PAD, BLOCK_C]`` block of a contiguous ``(K, C)`` tensor, upcast to ``ACC``."""
-    mask = (k < K)[:, None] & (c < C)[None, :]
-    return tl.load(ptr + k[:, None] * C + c[None, :], mask=mask, other=other).to(ACC)
+def _tile_origin(tile, l_tiles, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Batch index and position along L of element tile ``tile``'s first element."""
+    return (tile // l_tiles) * BLOCK_N, (tile % l_tiles) * BLOCK_L
 
 
 @triton.jit
-def _store_kc(ptr, value, k, c, K, C):
-    mask = (k < K)[:, None] & (c < C)[None, :]
-    tl.store(ptr + k[:, None] * C + c[None, :], value, mask=mask)
+def _tile_offset(n0, pos0, stride_n, stride_l):
+    """int64 offset of a tile's first element, so tensors beyond 2**31 elements work."""
+    return n0.to(tl.int64) * stride_n + pos0.to(tl.int64) * stride_l
 
 
 @triton.jit
-def _mixture_block(mu_ptr, log_sigma_ptr, mix_logits_ptr, k, c, K, C, ACC: tl.constexpr):
-    """Per-component constants of the tile's channels, as ``[K_PAD, BLOCK_C, 1]`` blocks.
+def _load_scalars(ptr, K: tl.constexpr, ACC: tl.constexpr):
+    values = ()
+    for k in tl.static_range(K):
+        values = values + (tl.load(ptr + k).to(ACC),)
+    return values
 
-    Returns ``(mu, offset, curvature, inv_sigma2, inv_sqrt_lam)``; padded
-    components get ``offset = -inf`` (so ``tau = 0``) and ``inv_sqrt_lam = 0``.
-    """
-    mix_logits = tl.load(mix_logits_ptr + k, mask=k < K, other=_NEG_INF).to(ACC)
-    log2_lam = tm.log2_mixing_weights(mix_logits)
-    inv_sqrt_lam = tl.where(k < K, tl.exp2(-0.5 * log2_lam), 0.0)
-    mu = _load_kc(mu_ptr, k, c, K, C, 0.0, ACC)
-    log_sigma = _load_kc(log_sigma_ptr, k, c, K, C, 0.0, ACC)
-    offset, curvature = tm.logit_coefficients(log2_lam[:, None], log_sigma)
-    inv_sigma2 = tl.exp(-2.0 * log_sigma)
-    return (
-        mu[:, :, None],
-        offset[:, :, None],
-        curvature[:, :, None],
-        inv_sigma2[:, :, None],
-        inv_sqrt_lam[:, None, None],
-    )
+
+@triton.jit
+def _load_row(ptr, k, c, C, other, ACC: tl.constexpr):
+    """Row ``k`` of a contiguous ``(K, C)`` tensor at channels ``c``, upcast to ``ACC``."""
+    return tl.load(ptr + k * C + c, mask=c < C, other=other).to(ACC)
+
+
+@triton.jit
+def _store_row(ptr, k, c, C, value):
+    tl.store(ptr + k * C + c, value.to(ptr.dtype.element_ty), mask=c < C)
 
 
 @triton.jit
@@ -97,6 +82,65 @@ def _load_channel(ptr, c, C, default, HAS: tl.constexpr, ACC: tl.constexpr):
     else:
         value = tl.full(c.shape, default, ACC)
     return value
+
+
+@triton.jit
+def _channel_pivot(x_ptr, x_c, c_ok, ACC: tl.constexpr):
+    """Each channel's first element: elements are taken relative to it (see :mod:`.element_math`)."""
+    return tl.load(x_ptr + x_c, mask=c_ok, other=0.0).to(ACC)
+
+
+@triton.jit
+def _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C, pivot, K: tl.constexpr,
+                              ACC: tl.constexpr):
+    """Per component ``(a, b, prior)`` as ``[BLOCK_C, 1]`` blocks, and ``log2(lam)`` (scalars)."""
+    log2_lam = tm.log2_mixing_weights(_load_scalars(mix_logits_ptr, K, ACC), K)
+    a = ()
+    b = ()
+    prior = ()
+    for k in tl.static_range(K):
+        a_k, b_k, prior_k = tm.logit_coefficients(
+            _load_row(mu_ptr, k, c, C, 0.0, ACC), _load_row(log_sigma_ptr, k, c, C, 0.0, ACC), log2_lam[k], pivot
+        )
+        a = a + (a_k[:, None],)
+        b = b + (b_k[:, None],)
+        prior = prior + (prior_k[:, None],)
+    return a, b, prior, log2_lam
+
+
+@triton.jit
+def _statistic_scales(log2_lam, var_ptr, c, C, gamma, K: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr):
+    """Per component ``gamma / sqrt(lam_k (var_k + eps))`` as ``[BLOCK_C]`` blocks (``a_k r_k gamma``)."""
+    scale = ()
+    for k in tl.static_range(K):
+        rstd = tl.math.rsqrt(_load_row(var_ptr, k, c, C, 1.0, ACC) + EPS)
+        scale = scale + (tl.exp2(-0.5 * log2_lam[k]) * rstd * gamma,)
+    return scale
+
+
+@triton.jit
+def _mixture_scales(log2_lam, log_sigma_ptr, c, C, gamma, K: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr):
+    """``_statistic_scales`` with the mixture's own variances ``exp(2 log_sigma)``."""
+    scale = ()
+    for k in tl.static_range(K):
+        rstd = tl.math.rsqrt(tl.exp(2.0 * _load_row(log_sigma_ptr, k, c, C, 0.0, ACC)) + EPS)
+        scale = scale + (tl.exp2(-0.5 * log2_lam[k]) * rstd * gamma,)
+    return scale
+
+
+@triton.jit
+def _zeros(shape, K: tl.constexpr, ACC: tl.constexpr):
+    values = ()
+    for k in tl.static_range(K):
+        values = values + (tl.zeros(shape, ACC),)
+    return values
+
+
+@triton.jit
+def _store_lane_sums(ptr, sums, c, C, K: tl.constexpr):
+    """Reduce per-lane ``[BLOCK_C, BLOCK_E]`` sums over the lanes and store them as rows ``0..K-1`` at ``ptr``."""
+    for k in tl.static_range(K):
+        _store_row(ptr, k, c, C, tl.sum(sums[k], 1))
 
 
 @triton.jit
@@ -114,371 +158,372 @@ def _store_rounded(ptrs, value, mask, BF16_BY_BITS: tl.constexpr):
         tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
 
 
+# --------------------------------------------------------------------------- #
+# Training forward
+# --------------------------------------------------------------------------- #
+
+
 @triton.jit(do_not_specialize=_BATCH_DEPENDENT_ARGS)
-def stats_partials_kernel(
+def _stats_partials_kernel(
     x_ptr, mu_ptr, log_sigma_ptr, mix_logits_ptr, partials_ptr,
     N, C, L, x_sn, x_sc, x_sl,
     num_m_tiles, l_tiles, tiles_per_program,
-    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr,
+    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Statistics pass: per program, the weighted summary of its element tiles.
+    """Statistics pass: per program ``sum tau``, ``sum tau xs`` and ``sum tau xs**2`` of its element tiles.
 
-    Writes ``partials[program, :, k, c] = (sum tau, mean, sum tau (x - mean)**2)``
-    of ``x - pivot_c`` (pivot: the channel's first element, so the sums stay
-    of the order of the spread and not of ``|mean|``). Each lane adds its
-    elements' ``tau``, ``tau x`` and ``tau x**2`` (shifted) across the tiles in
-    registers; the lanes are reduced once, after the loop.
+    ``xs = x - pivot_c`` (the channel's first element), so the sums are of the
+    order of the spread and not of ``|mean|``. Rows ``partials[program, q, k, c]``.
     """
-    pid_m = tl.program_id(1)
-    k = tl.arange(0, K_PAD)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    program = tl.program_id(1)
     c_ok = c < C
-    mu, offset, curvature, _, _ = _mixture_block(mu_ptr, log_sigma_ptr, mix_logits_ptr, k, c, K, C, ACC)
     x_c = c.to(tl.int64) * x_sc
-    pivot = tl.load(x_ptr + x_c, mask=c_ok, other=0.0).to(ACC)
+    pivot = _channel_pivot(x_ptr, x_c, c_ok, ACC)
+    a, b, prior, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C, pivot, K, ACC)
+    lane_n, lane_pos = _tile_lanes(BLOCK_N, BLOCK_L)
+    x_ptrs = x_ptr + _lane_offsets(c, x_sc, x_sn, x_sl, BLOCK_N, BLOCK_L)
+    pivot = pivot[:, None]
 
-    lane_mass = tl.zeros([K_PAD, BLOCK_C, BLOCK_N * BLOCK_L], ACC)
-    lane_sum = tl.zeros([K_PAD, BLOCK_C, BLOCK_N * BLOCK_L], ACC)
-    lane_sum_sq = tl.zeros([K_PAD, BLOCK_C, BLOCK_N * BLOCK_L], ACC)
-    first = pid_m * tiles_per_program
-    for tile in range(first, tl.minimum(first + tiles_per_program, num_m_tiles)):
-        n, pos, e_ok = _tile_elements(tile, N, L, l_tiles, BLOCK_N, BLOCK_L)
-        ok = c_ok[:, None] & e_ok[None, :]
-        x = tl.load(x_ptr + x_c[:, None] + _element_offsets(n, pos, x_sn, x_sl)[None, :], mask=ok, other=0.0)
-        x = x.to(ACC)
-        tau = tm.responsibilities(x[None, :, :], mu, offset, curvature)[0]
-        tau = tl.where(ok[None, :, :], tau, 0.0)
-        shifted = (x - pivot[:, None])[None, :, :]
-        weighted = tau * shifted
-        lane_mass += tau
-        lane_sum += weighted
-        lane_sum_sq += weighted * shifted
+    shape: tl.constexpr = [BLOCK_C, BLOCK_N * BLOCK_L]
+    mass = _zeros(shape, K, ACC)
+    first = _zeros(shape, K, ACC)
+    second = _zeros(shape, K, ACC)
+    start = program * tiles_per_program
+    for tile in range(start, tl.minimum(start + tiles_per_program, num_m_tiles)):
+        n0, pos0 = _tile_origin(tile, l_tiles, BLOCK_N, BLOCK_L)
+        ok = c_ok[:, None] & ((lane_n < N - n0) & (lane_pos < L - pos0))[None, :]
+        xs = tl.load(x_ptrs + _tile_offset(n0, pos0, x_sn, x_sl), mask=ok, other=0.0).to(ACC) - pivot
+        t, e, total = tm.component_weights(xs, a, b, prior, K)
+        inv_total = tl.where(ok, tm.reciprocal(total), 0.0)  # lanes outside the tensor add nothing
+        mass, first, second = tm.accumulate_moments(mass, first, second, e, inv_total, xs, K)
 
-    count = tl.sum(lane_mass, 2)
-    shifted_sum = tl.sum(lane_sum, 2)
-    mean = shifted_sum / tl.where(count > 0, count, 1.0)
-    # sum tau (x - mean)**2 about the program's own mean; x is pivot-shifted, so
-    # the subtraction loses only what (mean - pivot)**2 / var costs.
-    m2 = tl.maximum(tl.sum(lane_sum_sq, 2) - mean * shifted_sum, 0.0)
-    block = partials_ptr + pid_m.to(tl.int64) * (3 * K * C)
-    _store_kc(block, count, k, c, K, C)
-    _store_kc(block + K * C, mean, k, c, K, C)
-    _store_kc(block + 2 * K * C, m2, k, c, K, C)
+    row = partials_ptr + program.to(tl.int64) * (3 * K * C)
+    _store_lane_sums(row, mass, c, C, K)
+    _store_lane_sums(row + K * C, first, c, C, K)
+    _store_lane_sums(row + 2 * K * C, second, c, C, K)
 
 
 @triton.jit(do_not_specialize=["num_partials"])
-def merge_stats_kernel(
+def _stats_finalize_kernel(
     partials_ptr, x_ptr, mean_ptr, var_ptr, mass_ptr,
     num_partials, C, x_sc,
-    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    K: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Second stage of the statistics: Chan-merge the programs' summaries in a fixed order.
+    """Second stage of the statistics: the programs' sums, added in a fixed order, to SPEC's statistics.
 
-    Writes SPEC's ``mass = S``, ``mean = sum tau x / (S + 1e-12)`` and
+    ``mass = S``, ``mean = sum tau x / (S + 1e-12)``,
     ``var = sum tau (x - mean)**2 / (S + 1e-12)`` (the ``1e-12`` makes an empty
     component's statistics zero rather than NaN).
     """
-    k = tl.arange(0, K_PAD)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    count = tl.zeros([K_PAD, BLOCK_C], ACC)
-    mean = tl.zeros([K_PAD, BLOCK_C], ACC)
-    m2 = tl.zeros([K_PAD, BLOCK_C], ACC)
-    block = partials_ptr  # advanced by pointer increments: 64-bit, however many partials
-    for _ in range(num_partials):
-        count, mean, m2 = tm.chan_merge(
-            count, mean, m2,
-            _load_kc(block, k, c, K, C, 0.0, ACC),
-            _load_kc(block + K * C, k, c, K, C, 0.0, ACC),
-            _load_kc(block + 2 * K * C, k, c, K, C, 0.0, ACC),
-        )
-        block += 3 * K * C
-    pivot = tl.load(x_ptr + c.to(tl.int64) * x_sc, mask=c < C, other=0.0).to(ACC)
-    weighted_mean = pivot[None, :] + mean
-    denominator = count + _MASS_EPS
-    spec_mean = weighted_mean * (count / denominator)
-    # sum tau (x - spec_mean)**2 = m2 + S (weighted_mean - spec_mean)**2 (parallel axes).
-    gap = weighted_mean - spec_mean
-    _store_kc(mass_ptr, count, k, c, K, C)
-    _store_kc(mean_ptr, spec_mean, k, c, K, C)
-    _store_kc(var_ptr, (m2 + count * gap * gap) / denominator, k, c, K, C)
+    pivot = _channel_pivot(x_ptr, c.to(tl.int64) * x_sc, c < C, ACC)
+    for k in tl.static_range(K):
+        mass = tl.zeros([BLOCK_C], ACC)
+        first = tl.zeros([BLOCK_C], ACC)
+        second = tl.zeros([BLOCK_C], ACC)
+        row = partials_ptr  # advanced by pointer increments: 64-bit, however many partials
+        for _ in range(num_partials):
+            mass += _load_row(row, k, c, C, 0.0, ACC)
+            first += _load_row(row + K * C, k, c, C, 0.0, ACC)
+            second += _load_row(row + 2 * K * C, k, c, C, 0.0, ACC)
+            row += 3 * K * C
+        shift = first / tl.where(mass > 0, mass, 1.0)  # weighted mean of xs
+        m2 = tl.maximum(second - first * shift, 0.0)  # sum tau (xs - shift)**2
+        weighted_mean = pivot + shift
+        denominator = mass + _MASS_EPS
+        spec_mean = weighted_mean * (mass / denominator)
+        # sum tau (x - spec_mean)**2 = m2 + S (weighted_mean - spec_mean)**2 (parallel axes).
+        gap = weighted_mean - spec_mean
+        _store_row(mass_ptr, k, c, C, mass)
+        _store_row(mean_ptr, k, c, C, spec_mean)
+        _store_row(var_ptr, k, c, C, (m2 + mass * gap * gap) / denominator)
 
 
 @triton.jit(do_not_specialize=_BATCH_DEPENDENT_ARGS)
-def normalize_kernel(
+def _normalize_kernel(
     x_ptr, out_ptr, mu_ptr, log_sigma_ptr, mix_logits_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr,
     N, C, L, x_sn, x_sc, x_sl, out_sn, out_sc, out_sl,
     num_m_tiles, l_tiles, tiles_per_program,
-    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, MIXTURE_STATISTICS: tl.constexpr, EPS: tl.constexpr,
     ACC: tl.constexpr, BF16_BY_BITS: tl.constexpr,
 ):
     """Normalise pass: ``out = gamma * sum_k tau_k (x - mean_k) / sqrt(lam_k (var_k + eps)) + beta``.
 
     The training forward's second pass (batch statistics) and the whole eval
-    forward (given statistics; ``MIXTURE_STATISTICS``: the mixture's own,
+    forward (given statistics; with ``MIXTURE_STATISTICS`` the mixture's own
     ``(mu, exp(2 log_sigma))``, the eval of update="moving_average"). ``EPS`` is a constexpr so that it has the
     accumulation dtype's precision (a float argument would be float32).
     """
-    pid_m = tl.program_id(1)
-    k = tl.arange(0, K_PAD)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    program = tl.program_id(1)
     c_ok = c < C
-    mu, offset, curvature, _, inv_sqrt_lam = _mixture_block(
-        mu_ptr, log_sigma_ptr, mix_logits_ptr, k, c, K, C, ACC
-    )
-    if MIXTURE_STATISTICS:
-        stat_mean = mu
-        log_sigma = _load_kc(log_sigma_ptr, k, c, K, C, 0.0, ACC)
-        rstd = tl.math.rsqrt(tl.exp(2.0 * log_sigma) + EPS)[:, :, None]
-    else:
-        stat_mean = _load_kc(mean_ptr, k, c, K, C, 0.0, ACC)[:, :, None]
-        rstd = tl.math.rsqrt(_load_kc(var_ptr, k, c, K, C, 1.0, ACC) + EPS)[:, :, None]
+    x_c = c.to(tl.int64) * x_sc
+    pivot = _channel_pivot(x_ptr, x_c, c_ok, ACC)
+    a, b, prior, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C, pivot, K, ACC)
     gamma = _load_channel(weight_ptr, c, C, 1.0, HAS_WEIGHT, ACC)
     beta = _load_channel(bias_ptr, c, C, 0.0, HAS_BIAS, ACC)
-    scale = inv_sqrt_lam * rstd * gamma[None, :, None]
-    x_c = c.to(tl.int64) * x_sc
-    out_c = c.to(tl.int64) * out_sc
+    if MIXTURE_STATISTICS:
+        scale = _mixture_scales(log2_lam, log_sigma_ptr, c, C, gamma, K, EPS, ACC)
+        centers_ptr = mu_ptr
+    else:
+        scale = _statistic_scales(log2_lam, var_ptr, c, C, gamma, K, EPS, ACC)
+        centers_ptr = mean_ptr
+    scales = ()
+    offsets = ()
+    for k in tl.static_range(K):
+        offsets = offsets + ((beta - scale[k] * (_load_row(centers_ptr, k, c, C, 0.0, ACC) - pivot))[:, None],)
+        scales = scales + (scale[k][:, None],)
+    lane_n, lane_pos = _tile_lanes(BLOCK_N, BLOCK_L)
+    x_ptrs = x_ptr + _lane_offsets(c, x_sc, x_sn, x_sl, BLOCK_N, BLOCK_L)
+    out_ptrs = out_ptr + _lane_offsets(c, out_sc, out_sn, out_sl, BLOCK_N, BLOCK_L)
+    pivot = pivot[:, None]
 
-    first = pid_m * tiles_per_program
-    for tile in range(first, tl.minimum(first + tiles_per_program, num_m_tiles)):
-        n, pos, e_ok = _tile_elements(tile, N, L, l_tiles, BLOCK_N, BLOCK_L)
-        ok = c_ok[:, None] & e_ok[None, :]
-        x = tl.load(x_ptr + x_c[:, None] + _element_offsets(n, pos, x_sn, x_sl)[None, :], mask=ok, other=0.0)
-        x = x.to(ACC)
-        tau = tm.responsibilities(x[None, :, :], mu, offset, curvature)[0]
-        y = tm.mixture_normalize(tau, x[None, :, :] - stat_mean, scale) + beta[:, None]
-        out_ptrs = out_ptr + out_c[:, None] + _element_offsets(n, pos, out_sn, out_sl)[None, :]
-        _store_rounded(out_ptrs, y, ok, BF16_BY_BITS)
+    start = program * tiles_per_program
+    for tile in range(start, tl.minimum(start + tiles_per_program, num_m_tiles)):
+        n0, pos0 = _tile_origin(tile, l_tiles, BLOCK_N, BLOCK_L)
+        ok = c_ok[:, None] & ((lane_n < N - n0) & (lane_pos < L - pos0))[None, :]
+        xs = tl.load(x_ptrs + _tile_offset(n0, pos0, x_sn, x_sl), mask=ok, other=0.0).to(ACC) - pivot
+        t, e, total = tm.component_weights(xs, a, b, prior, K)
+        y = tm.mixture_transform(xs, e, scales, offsets, K) * tm.reciprocal(total)
+        _store_rounded(out_ptrs + _tile_offset(n0, pos0, out_sn, out_sl), y, ok, BF16_BY_BITS)
+
+
+# --------------------------------------------------------------------------- #
+# Backward
+# --------------------------------------------------------------------------- #
 
 
 @triton.jit(do_not_specialize=_BATCH_DEPENDENT_ARGS)
-def backward_reduce_kernel(
-    x_ptr, dout_ptr, mu_ptr, log_sigma_ptr, mix_logits_ptr, mean_ptr, stat_partials_ptr, dbeta_partials_ptr,
+def _backward_reduce_kernel(
+    x_ptr, dout_ptr, mu_ptr, log_sigma_ptr, mix_logits_ptr, mean_ptr, partials_ptr,
     N, C, L, x_sn, x_sc, x_sl, dout_sn, dout_sc, dout_sl,
     num_m_tiles, l_tiles, tiles_per_program,
-    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr,
+    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr,
 ):
     """Training backward, first pass: per program ``sum dout tau``, ``sum dout tau d`` and ``sum dout``.
 
     These are ``A_k / gamma``, ``B_k / gamma`` and ``dbeta`` of DESIGN.md; the
-    elementwise pass needs their totals (the gradient of ``m_k``, ``v_k``).
+    elementwise pass needs their totals (the gradients of ``m_k``, ``v_k``).
+    Rows ``partials[program, q, :, c]``: ``q = 0, 1`` hold ``K`` rows, ``q = 2`` one.
     """
-    pid_m = tl.program_id(1)
-    k = tl.arange(0, K_PAD)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    program = tl.program_id(1)
     c_ok = c < C
-    mu, offset, curvature, _, _ = _mixture_block(mu_ptr, log_sigma_ptr, mix_logits_ptr, k, c, K, C, ACC)
-    stat_mean = _load_kc(mean_ptr, k, c, K, C, 0.0, ACC)[:, :, None]
     x_c = c.to(tl.int64) * x_sc
-    dout_c = c.to(tl.int64) * dout_sc
+    pivot = _channel_pivot(x_ptr, x_c, c_ok, ACC)
+    a, b, prior, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C, pivot, K, ACC)
+    delta = ()
+    for k in tl.static_range(K):
+        delta = delta + ((_load_row(mean_ptr, k, c, C, 0.0, ACC) - pivot)[:, None],)
+    lane_n, lane_pos = _tile_lanes(BLOCK_N, BLOCK_L)
+    x_ptrs = x_ptr + _lane_offsets(c, x_sc, x_sn, x_sl, BLOCK_N, BLOCK_L)
+    dout_ptrs = dout_ptr + _lane_offsets(c, dout_sc, dout_sn, dout_sl, BLOCK_N, BLOCK_L)
+    pivot = pivot[:, None]
 
-    # Per-lane sums across the tiles, reduced once after the loop.
-    lane_dout_tau = tl.zeros([K_PAD, BLOCK_C, BLOCK_N * BLOCK_L], ACC)
-    lane_dout_tau_d = tl.zeros([K_PAD, BLOCK_C, BLOCK_N * BLOCK_L], ACC)
-    lane_dout = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_L], ACC)
-    first = pid_m * tiles_per_program
-    for tile in range(first, tl.minimum(first + tiles_per_program, num_m_tiles)):
-        n, pos, e_ok = _tile_elements(tile, N, L, l_tiles, BLOCK_N, BLOCK_L)
-        ok = c_ok[:, None] & e_ok[None, :]
-        x = tl.load(x_ptr + x_c[:, None] + _element_offsets(n, pos, x_sn, x_sl)[None, :], mask=ok, other=0.0)
-        x = x.to(ACC)
-        dout = tl.load(
-            dout_ptr + dout_c[:, None] + _element_offsets(n, pos, dout_sn, dout_sl)[None, :], mask=ok, other=0.0
-        ).to(ACC)
-        tau = tm.responsibilities(x[None, :, :], mu, offset, curvature)[0]
-        dout_tau = dout[None, :, :] * tau  # zero outside the tensor: dout was loaded as 0 there
-        lane_dout_tau += dout_tau
-        lane_dout_tau_d += dout_tau * (x[None, :, :] - stat_mean)
-        lane_dout += dout
-    sum_dout_tau = tl.sum(lane_dout_tau, 2)
-    sum_dout_tau_d = tl.sum(lane_dout_tau_d, 2)
-    sum_dout = tl.sum(lane_dout, 1)
+    shape: tl.constexpr = [BLOCK_C, BLOCK_N * BLOCK_L]
+    dout_tau = _zeros(shape, K, ACC)
+    dout_tau_d = _zeros(shape, K, ACC)
+    dout_sum = tl.zeros(shape, ACC)
+    start = program * tiles_per_program
+    for tile in range(start, tl.minimum(start + tiles_per_program, num_m_tiles)):
+        n0, pos0 = _tile_origin(tile, l_tiles, BLOCK_N, BLOCK_L)
+        ok = c_ok[:, None] & ((lane_n < N - n0) & (lane_pos < L - pos0))[None, :]
+        xs = tl.load(x_ptrs + _tile_offset(n0, pos0, x_sn, x_sl), mask=ok, other=0.0).to(ACC) - pivot
+        # dout is 0 outside the tensor, so those lanes add nothing.
+        dout = tl.load(dout_ptrs + _tile_offset(n0, pos0, dout_sn, dout_sl), mask=ok, other=0.0).to(ACC)
+        t, e, total = tm.component_weights(xs, a, b, prior, K)
+        dout_per_total = dout * tm.reciprocal(total)
+        dout_tau, dout_tau_d = tm.accumulate_dout_moments(dout_tau, dout_tau_d, dout_per_total, e, xs, delta, K)
+        dout_sum += dout
 
-    block = stat_partials_ptr + pid_m.to(tl.int64) * (2 * K * C)
-    _store_kc(block, sum_dout_tau, k, c, K, C)
-    _store_kc(block + K * C, sum_dout_tau_d, k, c, K, C)
-    tl.store(dbeta_partials_ptr + pid_m.to(tl.int64) * C + c, sum_dout, mask=c_ok)
+    row = partials_ptr + program.to(tl.int64) * ((2 * K + 1) * C)
+    _store_lane_sums(row, dout_tau, c, C, K)
+    _store_lane_sums(row + K * C, dout_tau_d, c, C, K)
+    _store_row(row + 2 * K * C, 0, c, C, tl.sum(dout_sum, 1))
+
+
+@triton.jit(do_not_specialize=["num_partials"])
+def _statistic_gradients_kernel(
+    partials_ptr, mix_logits_ptr, var_ptr, weight_ptr,
+    dmean_ptr, dvar_ptr, grad_weight_ptr, grad_bias_ptr, grad_mu_ptr, grad_log_sigma_ptr, grad_mix_logits_ptr,
+    num_partials, C,
+    K: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, MIXTURE_GRAD: tl.constexpr,
+    EPS: tl.constexpr, ACC: tl.constexpr,
+):
+    """The programs' ``sum dout tau``, ``sum dout tau d``, ``sum dout`` to the statistics' gradients.
+
+    ``dmean = Gm = -a r gamma A``, ``dvar = Gv = -a r**3 gamma B / 2`` (DESIGN.md,
+    ``A``, ``B`` here without gamma), ``grad_weight = sum_k a_k r_k B_k`` and
+    ``grad_bias = sum dout``, with ``a_k r_k = 1 / sqrt(lam_k (var_k + eps))``.
+    Without ``MIXTURE_GRAD`` (update="moving_average") it also writes the zero
+    mixture gradients, so that no kernel runs for them.
+    """
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    log2_lam = tm.log2_mixing_weights(_load_scalars(mix_logits_ptr, K, ACC), K)
+    gamma = _load_channel(weight_ptr, c, C, 1.0, HAS_WEIGHT, ACC)
+    scale = _statistic_scales(log2_lam, var_ptr, c, C, 1.0, K, EPS, ACC)
+    grad_weight = tl.zeros([BLOCK_C], ACC)
+    for k in tl.static_range(K):
+        dout_tau = tl.zeros([BLOCK_C], ACC)
+        dout_tau_d = tl.zeros([BLOCK_C], ACC)
+        row = partials_ptr  # advanced by pointer increments: 64-bit, however many partials
+        for _ in range(num_partials):
+            dout_tau += _load_row(row, k, c, C, 0.0, ACC)
+            dout_tau_d += _load_row(row + K * C, k, c, C, 0.0, ACC)
+            row += (2 * K + 1) * C
+        rstd2 = 1.0 / (_load_row(var_ptr, k, c, C, 1.0, ACC) + EPS)
+        _store_row(dmean_ptr, k, c, C, -scale[k] * gamma * dout_tau)
+        _store_row(dvar_ptr, k, c, C, -0.5 * scale[k] * rstd2 * gamma * dout_tau_d)
+        grad_weight += scale[k] * dout_tau_d
+    dout_sum = tl.zeros([BLOCK_C], ACC)
+    row = partials_ptr + 2 * K * C
+    for _ in range(num_partials):
+        dout_sum += _load_row(row, 0, c, C, 0.0, ACC)
+        row += (2 * K + 1) * C
+    _store_row(grad_weight_ptr, 0, c, C, grad_weight)
+    _store_row(grad_bias_ptr, 0, c, C, dout_sum)
+    if not MIXTURE_GRAD:
+        for k in tl.static_range(K):
+            _store_row(grad_mu_ptr, k, c, C, tl.zeros([BLOCK_C], ACC))
+            _store_row(grad_log_sigma_ptr, k, c, C, tl.zeros([BLOCK_C], ACC))
+            if tl.program_id(0) == 0:
+                tl.store(grad_mix_logits_ptr + k, tl.zeros([], ACC).to(grad_mix_logits_ptr.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=_BATCH_DEPENDENT_ARGS)
-def backward_elementwise_kernel(
+def _backward_elementwise_kernel(
     x_ptr, dout_ptr, dx_ptr,
     mu_ptr, log_sigma_ptr, mix_logits_ptr, mean_ptr, var_ptr, weight_ptr,
     mass_ptr, dmean_ptr, dvar_ptr,
-    mix_partials_ptr, stat_partials_ptr, dbeta_partials_ptr,
+    mixture_partials_ptr, stat_partials_ptr,
     N, C, L, x_sn, x_sc, x_sl, dout_sn, dout_sc, dout_sl, dx_sn, dx_sc, dx_sl,
     num_m_tiles, l_tiles, tiles_per_program,
-    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr, MIXTURE_GRAD: tl.constexpr,
     EPS: tl.constexpr, ACC: tl.constexpr, BF16_BY_BITS: tl.constexpr,
 ):
     """Backward elementwise pass: writes ``dx`` and per-program partial sums.
 
     ``TRAINING``: batch statistics, with ``mass`` and the loss's partials
-    ``dmean = Gm``, ``dvar = Gv`` from the reduction pass. Eval: given
-    statistics; the pass also sums ``dout tau``, ``dout tau d`` and ``dout``
-    (``stat_partials``, ``dbeta_partials``), which eval needs only for the
-    parameter gradients. ``MIXTURE_GRAD``: also sum ``U (x - mu) / sigma**2``,
-    ``U (z**2 - 1)`` and ``U`` (``mix_partials``) for ``d mu``, ``d log_sigma``
-    and ``d log(lam)``.
+    ``dmean = Gm``, ``dvar = Gv`` from :func:`_statistic_gradients_kernel`.
+    Eval: given statistics; the pass also sums ``dout tau``, ``dout tau d`` and
+    ``dout`` (``stat_partials``, laid out as the reduction pass's), which eval
+    needs only for the statistics' and affine gradients. ``MIXTURE_GRAD``: also
+    sum ``U t``, ``U t**2`` and ``U`` (``mixture_partials``) for ``d mu``,
+    ``d log_sigma`` and ``d log(lam)``.
     """
-    pid_m = tl.program_id(1)
-    k = tl.arange(0, K_PAD)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    program = tl.program_id(1)
     c_ok = c < C
-    mu, offset, curvature, inv_sigma2, inv_sqrt_lam = _mixture_block(
-        mu_ptr, log_sigma_ptr, mix_logits_ptr, k, c, K, C, ACC
-    )
-    stat_mean = _load_kc(mean_ptr, k, c, K, C, 0.0, ACC)[:, :, None]
-    var = _load_kc(var_ptr, k, c, K, C, 1.0, ACC)
-    gamma = _load_channel(weight_ptr, c, C, 1.0, HAS_WEIGHT, ACC)
-    # g a_k r_k = dout * component_scale: the gradient of y through d_ik alone.
-    component_scale = inv_sqrt_lam * tl.math.rsqrt(var + EPS)[:, :, None] * gamma[None, :, None]
-    if TRAINING:
-        inv_mass = 1.0 / (_load_kc(mass_ptr, k, c, K, C, 0.0, ACC) + _MASS_EPS)
-        dmean_per_mass = (_load_kc(dmean_ptr, k, c, K, C, 0.0, ACC) * inv_mass)[:, :, None]
-        dvar_per_mass = (_load_kc(dvar_ptr, k, c, K, C, 0.0, ACC) * inv_mass)[:, :, None]
     x_c = c.to(tl.int64) * x_sc
-    dout_c = c.to(tl.int64) * dout_sc
-    dx_c = c.to(tl.int64) * dx_sc
-
-    # Per-lane sums across the tiles, reduced once after the loop.
-    lane_u_w = tl.zeros([K_PAD, BLOCK_C, BLOCK_N * BLOCK_L], ACC)
-    lane_u_z2m1 = tl.zeros([K_PAD, BLOCK_C, BLOCK_N * BLOCK_L], ACC)
-    lane_u = tl.zeros([K_PAD, BLOCK_C, BLOCK_N * BLOCK_L], ACC)
-    sum_dout_tau = tl.zeros([K_PAD, BLOCK_C], ACC)
-    sum_dout_tau_d = tl.zeros([K_PAD, BLOCK_C], ACC)
-    sum_dout = tl.zeros([BLOCK_C], ACC)
-    first = pid_m * tiles_per_program
-    for tile in range(first, tl.minimum(first + tiles_per_program, num_m_tiles)):
-        n, pos, e_ok = _tile_elements(tile, N, L, l_tiles, BLOCK_N, BLOCK_L)
-        ok = c_ok[:, None] & e_ok[None, :]
-        x = tl.load(x_ptr + x_c[:, None] + _element_offsets(n, pos, x_sn, x_sl)[None, :], mask=ok, other=0.0)
-        x = x.to(ACC)
-        dout = tl.load(
-            dout_ptr + dout_c[:, None] + _element_offsets(n, pos, dout_sn, dout_sl)[None, :], mask=ok, other=0.0
-        ).to(ACC)
-        tau, diff = tm.responsibilities(x[None, :, :], mu, offset, curvature)
-        # Zero tau outside the tensor so that no partial sum sees those lanes.
-        tau = tl.where(ok[None, :, :], tau, 0.0)
-        centered = x[None, :, :] - stat_mean
-        direct = dout[None, :, :] * component_scale
+    pivot = _channel_pivot(x_ptr, x_c, c_ok, ACC)
+    a, b, prior, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C, pivot, K, ACC)
+    gamma = _load_channel(weight_ptr, c, C, 1.0, HAS_WEIGHT, ACC)
+    scale = _statistic_scales(log2_lam, var_ptr, c, C, gamma, K, EPS, ACC)
+    scales = ()
+    delta = ()
+    var = ()
+    dmean_per_mass = ()
+    dvar_per_mass = ()
+    for k in tl.static_range(K):
+        scales = scales + (scale[k][:, None],)
+        delta = delta + ((_load_row(mean_ptr, k, c, C, 0.0, ACC) - pivot)[:, None],)
         if TRAINING:
-            dtau = tm.batch_stats_dtau(direct, centered, dmean_per_mass, dvar_per_mass, var[:, :, None])
-            dx = tm.batch_stats_dx_direct(tau, direct, centered, dmean_per_mass, dvar_per_mass)
+            inv_mass = 1.0 / (_load_row(mass_ptr, k, c, C, 0.0, ACC) + _MASS_EPS)
+            var = var + (_load_row(var_ptr, k, c, C, 1.0, ACC)[:, None],)
+            dmean_per_mass = dmean_per_mass + ((_load_row(dmean_ptr, k, c, C, 0.0, ACC) * inv_mass)[:, None],)
+            dvar_per_mass = dvar_per_mass + ((_load_row(dvar_ptr, k, c, C, 0.0, ACC) * inv_mass)[:, None],)
+    lane_n, lane_pos = _tile_lanes(BLOCK_N, BLOCK_L)
+    x_ptrs = x_ptr + _lane_offsets(c, x_sc, x_sn, x_sl, BLOCK_N, BLOCK_L)
+    dout_ptrs = dout_ptr + _lane_offsets(c, dout_sc, dout_sn, dout_sl, BLOCK_N, BLOCK_L)
+    dx_ptrs = dx_ptr + _lane_offsets(c, dx_sc, dx_sn, dx_sl, BLOCK_N, BLOCK_L)
+    pivot = pivot[:, None]
+
+    shape: tl.constexpr = [BLOCK_C, BLOCK_N * BLOCK_L]
+    sum_u_t = _zeros(shape, K, ACC)
+    sum_u_t2 = _zeros(shape, K, ACC)
+    sum_u = _zeros(shape, K, ACC)
+    dout_tau = _zeros(shape, K, ACC)
+    dout_tau_d = _zeros(shape, K, ACC)
+    dout_sum = tl.zeros(shape, ACC)
+    start = program * tiles_per_program
+    for tile in range(start, tl.minimum(start + tiles_per_program, num_m_tiles)):
+        n0, pos0 = _tile_origin(tile, l_tiles, BLOCK_N, BLOCK_L)
+        ok = c_ok[:, None] & ((lane_n < N - n0) & (lane_pos < L - pos0))[None, :]
+        xs = tl.load(x_ptrs + _tile_offset(n0, pos0, x_sn, x_sl), mask=ok, other=0.0).to(ACC) - pivot
+        dout = tl.load(dout_ptrs + _tile_offset(n0, pos0, dout_sn, dout_sl), mask=ok, other=0.0).to(ACC)
+        t, e, total = tm.component_weights(xs, a, b, prior, K)
+        inv_total = tl.where(ok, tm.reciprocal(total), 0.0)  # lanes outside the tensor add nothing
+        if TRAINING:
+            dtau, weighted_dtau, weighted_direct = tm.batch_stats_dtau(
+                xs, dout, e, scales, delta, dmean_per_mass, dvar_per_mass, var, K
+            )
         else:
-            dtau = direct * centered
-            dx = tl.sum(tau * direct, 0)
-        u = tm.logit_gradient(tau, dtau)
-        w = diff * inv_sigma2  # d logit / d mu = (x - mu) / sigma**2 = -d logit / d x
-        u_w = u * w
-        dx -= tl.sum(u_w, 0)
-        dx_ptrs = dx_ptr + dx_c[:, None] + _element_offsets(n, pos, dx_sn, dx_sl)[None, :]
-        _store_rounded(dx_ptrs, dx, ok, BF16_BY_BITS)
+            dtau, weighted_dtau, weighted_direct = tm.given_stats_dtau(xs, dout, e, scales, delta, K)
+            dout_tau, dout_tau_d = tm.accumulate_dout_moments(dout_tau, dout_tau_d, dout * inv_total, e, xs,
+                                                              delta, K)
+            dout_sum += dout
+        u_t, u, through_logits = tm.logit_gradients(e, dtau, t, inv_total, weighted_dtau, a, K)
+        dx = weighted_direct * inv_total - through_logits
+        _store_rounded(dx_ptrs + _tile_offset(n0, pos0, dx_sn, dx_sl), dx, ok, BF16_BY_BITS)
         if MIXTURE_GRAD:
-            lane_u_w += u_w
-            lane_u_z2m1 += u_w * diff - u
-            lane_u += u
-        if not TRAINING:
-            dout_tau = dout[None, :, :] * tau
-            sum_dout_tau += tl.sum(dout_tau, 2)
-            sum_dout_tau_d += tl.sum(dout_tau * centered, 2)
-            sum_dout += tl.sum(dout, 1)
+            sum_u_t, sum_u_t2, sum_u = tm.accumulate_logit_gradients(sum_u_t, sum_u_t2, sum_u, u_t, u, t, K)
 
     if MIXTURE_GRAD:
-        block = mix_partials_ptr + pid_m.to(tl.int64) * (3 * K * C)
-        _store_kc(block, tl.sum(lane_u_w, 2), k, c, K, C)
-        _store_kc(block + K * C, tl.sum(lane_u_z2m1, 2), k, c, K, C)
-        _store_kc(block + 2 * K * C, tl.sum(lane_u, 2), k, c, K, C)
+        row = mixture_partials_ptr + program.to(tl.int64) * (3 * K * C)
+        _store_lane_sums(row, sum_u_t, c, C, K)
+        _store_lane_sums(row + K * C, sum_u_t2, c, C, K)
+        _store_lane_sums(row + 2 * K * C, sum_u, c, C, K)
     if not TRAINING:
-        block = stat_partials_ptr + pid_m.to(tl.int64) * (2 * K * C)
-        _store_kc(block, sum_dout_tau, k, c, K, C)
-        _store_kc(block + K * C, sum_dout_tau_d, k, c, K, C)
-        tl.store(dbeta_partials_ptr + pid_m.to(tl.int64) * C + c, sum_dout, mask=c_ok)
+        row = stat_partials_ptr + program.to(tl.int64) * ((2 * K + 1) * C)
+        _store_lane_sums(row, dout_tau, c, C, K)
+        _store_lane_sums(row + K * C, dout_tau_d, c, C, K)
+        _store_row(row + 2 * K * C, 0, c, C, tl.sum(dout_sum, 1))
 
 
-@triton.jit(do_not_specialize=["num_programs"])
-def backward_statistics_kernel(
-    stat_partials_ptr, dbeta_partials_ptr, mix_logits_ptr, var_ptr, weight_ptr,
-    dmean_ptr, dvar_ptr, grad_weight_ptr, grad_bias_ptr, log_lam_direct_ptr,
+@triton.jit(do_not_specialize=["num_partials"])
+def _mixture_gradients_kernel(
+    partials_ptr, log_sigma_ptr, mix_logits_ptr, var_ptr, dvar_ptr,
     grad_mu_ptr, grad_log_sigma_ptr, grad_mix_logits_ptr,
-    num_programs, C,
-    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, ZERO_MIXTURE_GRADS: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr,
+    num_partials, C,
+    K: tl.constexpr, BLOCK_C: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr,
 ):
-    """The backward's O(K*C) step: the programs' ``sum dout tau``, ``sum dout tau d``
-    and ``sum dout`` summed in a fixed order, turned into DESIGN.md's
-    ``Gm = dL/dmean = -a r gamma A``, ``Gv = dL/dvar = -a r^3 gamma B / 2``,
-    ``grad_weight = sum_k a r B``, ``grad_bias`` and the ``d loss / d log lam``
-    term through ``a = lam^-1/2`` (``-a r gamma B / 2``, summed over channels
-    by :func:`parameter_gradients_kernel`). ``ZERO_MIXTURE_GRADS`` writes the
-    zero mixture gradients of update="moving_average" here (no extra launch).
+    """One program: the mixture parameters' gradients from the elementwise pass's sums.
+
+    ``d mu = a GRADIENT_SCALE sum U t``, ``d log_sigma = GRADIENT_SCALE sum U t**2 - sum U``
+    (``z**2 = GRADIENT_SCALE t**2``); ``d log(lam_k) = sum_c [sum U_k + Gv_k (v_k + eps)]``
+    (the second term is ``-a_k r_k B_k / 2`` through ``a_k = lam_k**-0.5``), then
+    the softmax Jacobian to ``d mix_logits``. Summed over every channel, hence one program.
     """
-    k = tl.arange(0, K_PAD)
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    dout_tau = tl.zeros([K_PAD, BLOCK_C], ACC)
-    dout_tau_d = tl.zeros([K_PAD, BLOCK_C], ACC)
-    dout = tl.zeros([BLOCK_C], ACC)
-    block = stat_partials_ptr  # advanced by pointer increments: 64-bit, however many programs
-    dbeta = dbeta_partials_ptr
-    for _ in range(num_programs):
-        dout_tau += _load_kc(block, k, c, K, C, 0.0, ACC)
-        dout_tau_d += _load_kc(block + K * C, k, c, K, C, 0.0, ACC)
-        dout += tl.load(dbeta + c, mask=c_ok, other=0.0).to(ACC)
-        block += 2 * K * C
-        dbeta += C
-    mix_logits = tl.load(mix_logits_ptr + k, mask=k < K, other=_NEG_INF).to(ACC)
-    inv_sqrt_lam = tl.where(k < K, tl.exp2(-0.5 * tm.log2_mixing_weights(mix_logits)), 0.0)
-    rstd = tl.math.rsqrt(_load_kc(var_ptr, k, c, K, C, 1.0, ACC) + EPS)
-    component_scale = inv_sqrt_lam[:, None] * rstd
-    gamma = _load_channel(weight_ptr, c, C, 1.0, HAS_WEIGHT, ACC)[None, :]
-    _store_kc(dmean_ptr, -component_scale * gamma * dout_tau, k, c, K, C)
-    _store_kc(dvar_ptr, -0.5 * component_scale * rstd * rstd * gamma * dout_tau_d, k, c, K, C)
-    _store_kc(log_lam_direct_ptr, -0.5 * component_scale * gamma * dout_tau_d, k, c, K, C)
-    tl.store(grad_weight_ptr + c, tl.sum(component_scale * dout_tau_d, 0), mask=c_ok)
-    tl.store(grad_bias_ptr + c, dout, mask=c_ok)
-    if ZERO_MIXTURE_GRADS:
-        zeros = tl.zeros([K_PAD, BLOCK_C], ACC)
-        _store_kc(grad_mu_ptr, zeros, k, c, K, C)
-        _store_kc(grad_log_sigma_ptr, zeros, k, c, K, C)
-        if tl.program_id(0) == 0:
-            tl.store(grad_mix_logits_ptr + k, tl.zeros([K_PAD], ACC), mask=k < K)
-
-
-@triton.jit(do_not_specialize=["num_programs", "C"])
-def parameter_gradients_kernel(
-    mix_partials_ptr, log_lam_direct_ptr, mix_logits_ptr, grad_mu_ptr, grad_log_sigma_ptr, grad_mix_logits_ptr,
-    num_programs, C,
-    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
-):
-    """Mixture-parameter gradients from the elementwise pass's per-program sums.
-
-    One program, since ``mix_logits`` sums over every channel: per channel
-    block, the programs' ``sum U (x - mu) / sigma^2``, ``sum U (z^2 - 1)`` and
-    ``sum U`` in a fixed order; then ``d log lam = sum_c (sum U + direct term)``
-    through the softmax Jacobian.
-    """
-    k = tl.arange(0, K_PAD)
-    grad_log_lam = tl.zeros([K_PAD], ACC)
+    log2_lam = tm.log2_mixing_weights(_load_scalars(mix_logits_ptr, K, ACC), K)
+    grad_log_lam = _zeros([BLOCK_C], K, ACC)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        sum_u_w = tl.zeros([K_PAD, BLOCK_C], ACC)
-        sum_u_z2m1 = tl.zeros([K_PAD, BLOCK_C], ACC)
-        sum_u = tl.zeros([K_PAD, BLOCK_C], ACC)
-        block = mix_partials_ptr
-        for _ in range(num_programs):
-            sum_u_w += _load_kc(block, k, c, K, C, 0.0, ACC)
-            sum_u_z2m1 += _load_kc(block + K * C, k, c, K, C, 0.0, ACC)
-            sum_u += _load_kc(block + 2 * K * C, k, c, K, C, 0.0, ACC)
-            block += 3 * K * C
-        _store_kc(grad_mu_ptr, sum_u_w, k, c, K, C)
-        _store_kc(grad_log_sigma_ptr, sum_u_z2m1, k, c, K, C)
-        grad_log_lam += tl.sum(sum_u + _load_kc(log_lam_direct_ptr, k, c, K, C, 0.0, ACC), 1)
-    mix_logits = tl.load(mix_logits_ptr + k, mask=k < K, other=_NEG_INF).to(ACC)
-    lam = tl.where(k < K, tl.exp2(tm.log2_mixing_weights(mix_logits)), 0.0)
-    tl.store(grad_mix_logits_ptr + k, grad_log_lam - lam * tl.sum(grad_log_lam, 0), mask=k < K)
+        grad_log_lam_next = ()
+        for k in tl.static_range(K):
+            sum_u_t = tl.zeros([BLOCK_C], ACC)
+            sum_u_t2 = tl.zeros([BLOCK_C], ACC)
+            sum_u = tl.zeros([BLOCK_C], ACC)
+            row = partials_ptr  # advanced by pointer increments: 64-bit, however many partials
+            for _ in range(num_partials):
+                sum_u_t += _load_row(row, k, c, C, 0.0, ACC)
+                sum_u_t2 += _load_row(row + K * C, k, c, C, 0.0, ACC)
+                sum_u += _load_row(row + 2 * K * C, k, c, C, 0.0, ACC)
+                row += 3 * K * C
+            a = tm.RESPONSIBILITY_SCALE * tl.exp(-_load_row(log_sigma_ptr, k, c, C, 0.0, ACC))
+            var_eps = _load_row(var_ptr, k, c, C, 1.0, ACC) + EPS
+            through_scale = _load_row(dvar_ptr, k, c, C, 0.0, ACC) * var_eps
+            sum_u_t *= a * tm.GRADIENT_SCALE
+            sum_u_t2 = sum_u_t2 * tm.GRADIENT_SCALE - sum_u
+            _store_row(grad_mu_ptr, k, c, C, sum_u_t)
+            _store_row(grad_log_sigma_ptr, k, c, C, sum_u_t2)
+            grad_log_lam_next = grad_log_lam_next + (grad_log_lam[k] + (sum_u + through_scale),)
+        grad_log_lam = grad_log_lam_next
+    total = tl.sum(grad_log_lam[0], 0)
+    for k in tl.static_range(1, K):
+        total += tl.sum(grad_log_lam[k], 0)
+    for k in tl.static_range(K):
+        grad = tl.sum(grad_log_lam[k], 0) - tl.exp2(log2_lam[k]) * total
+        tl.store(grad_mix_logits_ptr + k, grad.to(grad_mix_logits_ptr.dtype.element_ty))

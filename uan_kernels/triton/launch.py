@@ -1,8 +1,11 @@
-"""Host code of the Triton backend: runs the kernels for the operators in :mod:`.ops`."""
+"""Host launchers of the Triton kernels: the real implementations of the ``uan::triton_*`` operators.
+
+:func:`launch_train_forward`, :func:`launch_eval_forward` and
+:func:`launch_backward` take and return what the operators of :mod:`.ops` do.
+"""
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -12,25 +15,11 @@ from torch import Tensor
 
 from .._backends import MAX_FUSED_COMPONENTS
 from ..reference import compute_dtype
-from . import geometry, kernels
-from .geometry import MERGE_BLOCK_C, cdiv
+from . import geometry, interpreter, kernels
+from .geometry import cdiv
 
-
-def _on_device_of(position: int):
-    """Run the decorated launcher with its ``position``-th argument's CUDA device
-    current: Triton launches on the current device, which need not be the one
-    holding the tensors (e.g. cuda:1)."""
-
-    def decorate(launcher):
-        @functools.wraps(launcher)
-        def run(*args):
-            x = args[position]
-            with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-                return launcher(*args)
-
-        return run
-
-    return decorate
+# Channels per program of the finalize kernels (O(K*C) work each).
+_FINALIZE_BLOCK_C = 128
 
 
 def _triton_dtype(dtype: torch.dtype):
@@ -38,7 +27,7 @@ def _triton_dtype(dtype: torch.dtype):
 
 
 def _bf16_by_bits(out: Tensor) -> bool:
-    return kernels.INTERPRETED and out.dtype == torch.bfloat16
+    return interpreter.INTERPRETED and out.dtype == torch.bfloat16
 
 
 def _as_ncl(t: Tensor) -> Optional[Tensor]:
@@ -78,11 +67,21 @@ def _check_launch(x: Tensor, mu: Tensor) -> None:
         raise ValueError(
             f"the Triton kernels support 1 to {MAX_FUSED_COMPONENTS} components, got {mu.shape[0]}"
         )
-    if x.device.type == "cpu" and not kernels.INTERPRETED:
+    if x.device.type == "cpu" and not interpreter.INTERPRETED:
         raise RuntimeError(
             "the Triton backend runs CPU tensors only under the Triton interpreter: "
             "set TRITON_INTERPRET=1 before importing uan_kernels"
         )
+
+
+def _on_device(x: Tensor):
+    """Launch on ``x``'s GPU, whichever is current (Triton launches on the current device)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _finalize_grid(C: int) -> Tuple[Tuple[int], int]:
+    block_c = min(_FINALIZE_BLOCK_C, triton.next_power_of_2(C))
+    return (cdiv(C, block_c),), block_c
 
 
 def _params(*tensors: Optional[Tensor]):
@@ -93,18 +92,17 @@ def _params(*tensors: Optional[Tensor]):
 def _launch_normalize(x3, out3, mu, log_sigma, mix_logits, mean, var, weight, bias, eps, tiles):
     K, C = mu.shape
     N, _, L = x3.shape
-    kernels.normalize_kernel[tiles.grid](
+    kernels._normalize_kernel[tiles.grid](
         x3, out3, mu, log_sigma, mix_logits, mean, var, weight, bias,
         N, C, L, *x3.stride(), *out3.stride(), *tiles.kernel_args(),
-        K=K, K_PAD=triton.next_power_of_2(K), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        MIXTURE_STATISTICS=mean is None, EPS=eps, ACC=_triton_dtype(compute_dtype(x3.dtype)),
-        BF16_BY_BITS=_bf16_by_bits(out3),
+        K=K, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, MIXTURE_STATISTICS=mean is None,
+        EPS=eps, ACC=_triton_dtype(compute_dtype(x3.dtype)), BF16_BY_BITS=_bf16_by_bits(out3),
         **tiles.kernel_meta(),
     )
 
 
-@_on_device_of(0)
-def forward_train(x, mu, log_sigma, mix_logits, weight, bias, eps):
+def launch_train_forward(x, mu, log_sigma, mix_logits, weight, bias, eps):
+    """Statistics pass, its finalize kernel, normalise pass: three launches."""
     _check_launch(x, mu)
     acc = compute_dtype(x.dtype)
     K, C = mu.shape
@@ -118,27 +116,27 @@ def forward_train(x, mu, log_sigma, mix_logits, weight, bias, eps):
     out3, scratch = _output_ncl(out)
     tiles = geometry.tile_geometry(x3, K)
     N, _, L = x3.shape
-    k_pad = triton.next_power_of_2(K)
     partials = torch.empty((tiles.programs, 3, K, C), dtype=acc, device=x.device)
-    kernels.stats_partials_kernel[tiles.grid](
-        x3, mu, log_sigma, mix_logits, partials,
-        N, C, L, *x3.stride(), *tiles.kernel_args(),
-        K=K, K_PAD=k_pad, ACC=_triton_dtype(acc), **tiles.kernel_meta(),
-    )
-    merge_block = min(MERGE_BLOCK_C, triton.next_power_of_2(C))
-    kernels.merge_stats_kernel[(cdiv(C, merge_block),)](
-        partials, x3, mean, var, mass, tiles.programs, C, x3.stride(1),
-        K=K, K_PAD=k_pad, BLOCK_C=merge_block, ACC=_triton_dtype(acc),
-    )
-    _launch_normalize(x3, out3, mu, log_sigma, mix_logits, mean, var, weight, bias, eps, tiles)
+    finalize_grid, finalize_block = _finalize_grid(C)
+    with _on_device(x):
+        kernels._stats_partials_kernel[tiles.grid](
+            x3, mu, log_sigma, mix_logits, partials,
+            N, C, L, *x3.stride(), *tiles.kernel_args(),
+            K=K, ACC=_triton_dtype(acc), **tiles.kernel_meta(),
+        )
+        kernels._stats_finalize_kernel[finalize_grid](
+            partials, x3, mean, var, mass, tiles.programs, C, x3.stride(1),
+            K=K, BLOCK_C=finalize_block, ACC=_triton_dtype(acc),
+        )
+        _launch_normalize(x3, out3, mu, log_sigma, mix_logits, mean, var, weight, bias, eps, tiles)
     if scratch:
         out.copy_(out3.view(out.shape))
     return out, mean, var, mass
 
 
-@_on_device_of(0)
-def forward_eval(x, mu, log_sigma, mix_logits, mean, var, weight, bias, eps):
-    """Eval forward with given statistics, or with the mixture's own when ``mean`` and ``var`` are None."""
+def launch_eval_forward(x, mu, log_sigma, mix_logits, mean, var, weight, bias, eps):
+    """The normalise pass alone, with given statistics (the mixture's own when ``mean`` and ``var``
+    are None): one launch."""
     _check_launch(x, mu)
     mu, log_sigma, mix_logits, mean, var, weight, bias = _params(mu, log_sigma, mix_logits, mean, var, weight, bias)
     out = torch.empty_like(x)
@@ -146,88 +144,80 @@ def forward_eval(x, mu, log_sigma, mix_logits, mean, var, weight, bias, eps):
         return out
     x3 = _input_ncl(x)
     out3, scratch = _output_ncl(out)
-    tiles = geometry.tile_geometry(x3, mu.shape[0])
-    _launch_normalize(x3, out3, mu, log_sigma, mix_logits, mean, var, weight, bias, eps, tiles)
+    with _on_device(x):
+        _launch_normalize(x3, out3, mu, log_sigma, mix_logits, mean, var, weight, bias, eps,
+                          geometry.tile_geometry(x3, mu.shape[0]))
     if scratch:
         out.copy_(out3.view(out.shape))
     return out
 
 
-@_on_device_of(1)
-def backward(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, eps, mixture_grad):
+def launch_backward(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, eps, mixture_grad):
+    """Gradients of the training (``mass`` given) or eval forward: four launches in training, three in eval,
+    one fewer without ``mixture_grad``.
+
+    Training: reduction pass, statistics' gradients, elementwise pass,
+    mixture gradients. Eval: the elementwise pass also makes the reduction's
+    sums (the statistics are constants, so ``dx`` needs none first).
+    """
     _check_launch(x, mu)
     training = mass is not None
     acc = compute_dtype(x.dtype)
     K, C = mu.shape
     mu, log_sigma, mix_logits, weight, mean, var, mass = _params(mu, log_sigma, mix_logits, weight, mean, var, mass)
     grad_input = torch.empty_like(x)
+    grad_mu, grad_log_sigma, grad_mix_logits = (torch.empty_like(t) for t in (mu, log_sigma, mix_logits))
+    grad_weight, grad_bias = (mu.new_empty((C,)) for _ in range(2))
+    dmean, dvar = torch.empty_like(mean), torch.empty_like(var)
     x3 = _input_ncl(x)
     dout3 = _input_ncl(grad_out)
     dx3, scratch = _output_ncl(grad_input)
     N, _, L = x3.shape
     tiles = geometry.tile_geometry(x3, K)
     programs = tiles.programs if x.numel() else 0
-    launch = dict(K=K, K_PAD=triton.next_power_of_2(K), ACC=_triton_dtype(acc), **tiles.kernel_meta())
+    launch = dict(K=K, ACC=_triton_dtype(acc), **tiles.kernel_meta())
     shape_args = (N, C, L, *x3.stride(), *dout3.stride())
+    finalize_grid, finalize_block = _finalize_grid(C)
+    finalize = dict(K=K, BLOCK_C=finalize_block, EPS=eps, ACC=_triton_dtype(acc))
 
     # Per-program partial sums; every program writes its rows in full.
-    stat_partials = torch.empty((programs, 2, K, C), dtype=acc, device=x.device)
-    dbeta_partials = torch.empty((programs, C), dtype=acc, device=x.device)
-    mix_partials = torch.empty((programs, 3, K, C), dtype=acc, device=x.device) if mixture_grad else None
-    # What backward_statistics_kernel and parameter_gradients_kernel write: no
-    # O(K*C) tensor ops between the passes.
-    dmean, dvar, log_lam_direct = (torch.empty((K, C), dtype=acc, device=x.device) for _ in range(3))
-    grad_weight, grad_bias = (torch.empty(C, dtype=acc, device=x.device) for _ in range(2))
-    grad_mu, grad_log_sigma = (torch.empty((K, C), dtype=acc, device=x.device) for _ in range(2))
-    grad_mix_logits = torch.empty(K, dtype=acc, device=x.device)
-    finalize_block = min(MERGE_BLOCK_C, triton.next_power_of_2(C))
+    stat_partials = torch.empty((programs, 2 * K + 1, C), dtype=acc, device=x.device)
+    mixture_partials = torch.empty((programs, 3, K, C), dtype=acc, device=x.device) if mixture_grad else None
 
     def statistic_gradients():
-        """``Gm = dL/dmean``, ``Gv = dL/dvar``, ``grad_weight``, ``grad_bias`` from the programs' sums."""
-        kernels.backward_statistics_kernel[(cdiv(C, finalize_block),)](
-            stat_partials, dbeta_partials, mix_logits, var, weight,
-            dmean, dvar, grad_weight, grad_bias, log_lam_direct, grad_mu, grad_log_sigma, grad_mix_logits,
-            programs, C, K=K, K_PAD=launch["K_PAD"], BLOCK_C=finalize_block, HAS_WEIGHT=weight is not None,
-            ZERO_MIXTURE_GRADS=not mixture_grad, EPS=eps, ACC=launch["ACC"],
+        kernels._statistic_gradients_kernel[finalize_grid](
+            stat_partials, mix_logits, var, weight, dmean, dvar, grad_weight, grad_bias,
+            grad_mu, grad_log_sigma, grad_mix_logits, programs, C,
+            HAS_WEIGHT=weight is not None, MIXTURE_GRAD=mixture_grad, **finalize,
         )
 
-    def launch_elementwise():
+    def elementwise():
         if programs:
-            kernels.backward_elementwise_kernel[tiles.grid](
+            kernels._backward_elementwise_kernel[tiles.grid](
                 x3, dout3, dx3, mu, log_sigma, mix_logits, mean, var, weight,
-                mass, dmean, dvar, mix_partials, stat_partials, dbeta_partials,
+                mass, dmean, dvar, mixture_partials, stat_partials,
                 *shape_args, *dx3.stride(), *tiles.kernel_args(),
                 HAS_WEIGHT=weight is not None, TRAINING=training, MIXTURE_GRAD=mixture_grad, EPS=eps,
                 BF16_BY_BITS=_bf16_by_bits(dx3), **launch,
             )
 
-    if training:
-        if programs:
-            kernels.backward_reduce_kernel[tiles.grid](
-                x3, dout3, mu, log_sigma, mix_logits, mean, stat_partials, dbeta_partials,
-                *shape_args, *tiles.kernel_args(), **launch,
+    with _on_device(x):
+        if training:
+            if programs:
+                kernels._backward_reduce_kernel[tiles.grid](
+                    x3, dout3, mu, log_sigma, mix_logits, mean, stat_partials,
+                    *shape_args, *tiles.kernel_args(), **launch,
+                )
+            statistic_gradients()
+            elementwise()
+        else:
+            elementwise()
+            statistic_gradients()
+        if mixture_grad:
+            kernels._mixture_gradients_kernel[(1,)](
+                mixture_partials, log_sigma, mix_logits, var, dvar, grad_mu, grad_log_sigma, grad_mix_logits,
+                programs, C, **finalize,
             )
-        statistic_gradients()
-        launch_elementwise()
-    else:
-        # Eval: the statistics are constants, so dx needs no reduction first.
-        launch_elementwise()
-        statistic_gradients()
     if scratch:
         grad_input.copy_(dx3.view(grad_input.shape))
-    if mixture_grad:
-        kernels.parameter_gradients_kernel[(1,)](
-            mix_partials, log_lam_direct, mix_logits, grad_mu, grad_log_sigma, grad_mix_logits,
-            programs, C, K=K, K_PAD=launch["K_PAD"], BLOCK_C=finalize_block, ACC=launch["ACC"],
-        )
-    param_dtype = mu.dtype
-    return (
-        grad_input,
-        grad_mu.to(param_dtype),
-        grad_log_sigma.to(param_dtype),
-        grad_mix_logits.to(param_dtype),
-        grad_weight.to(param_dtype),
-        grad_bias.to(param_dtype),
-        dmean.to(mean.dtype),
-        dvar.to(var.dtype),
-    )
+    return grad_input, grad_mu, grad_log_sigma, grad_mix_logits, grad_weight, grad_bias, dmean, dvar

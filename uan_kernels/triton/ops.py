@@ -1,4 +1,7 @@
-"""The ``uan::triton_*`` operators: custom ops, fake implementations, autograd, entry points."""
+"""The ``uan::triton_*`` operators: ``torch.library`` custom ops, their fake implementations and autograd.
+
+See the package docstring for the schemas; the launchers of :mod:`.launch` implement them.
+"""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -8,7 +11,7 @@ from torch import Tensor
 
 from .. import reference
 from ..reference import compute_dtype
-from . import launch
+from .launch import launch_backward, launch_eval_forward, launch_train_forward
 
 
 @torch.library.custom_op("uan::triton_forward", mutates_args=())
@@ -22,7 +25,7 @@ def _triton_forward(
     eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Training forward: ``(out, mean, var, mass)`` with batch statistics (SPEC eq. 8-9)."""
-    return launch.forward_train(x, mu, log_sigma, mix_logits, weight, bias, eps)
+    return launch_train_forward(x, mu, log_sigma, mix_logits, weight, bias, eps)
 
 
 @torch.library.custom_op("uan::triton_forward_eval", mutates_args=())
@@ -38,7 +41,7 @@ def _triton_forward_eval(
     eps: float,
 ) -> Tensor:
     """Eval forward with given ``(K, C)`` statistics ``mean`` and ``var``."""
-    return launch.forward_eval(x, mu, log_sigma, mix_logits, mean, var, weight, bias, eps)
+    return launch_eval_forward(x, mu, log_sigma, mix_logits, mean, var, weight, bias, eps)
 
 
 @torch.library.custom_op("uan::triton_forward_mixture", mutates_args=())
@@ -52,7 +55,7 @@ def _triton_forward_mixture(
     eps: float,
 ) -> Tensor:
     """Eval forward of update="moving_average": the mixture's own ``(mu, exp(2 log_sigma))`` as statistics."""
-    return launch.forward_eval(x, mu, log_sigma, mix_logits, None, None, weight, bias, eps)
+    return launch_eval_forward(x, mu, log_sigma, mix_logits, None, None, weight, bias, eps)
 
 
 @torch.library.custom_op("uan::triton_backward", mutates_args=())
@@ -70,7 +73,7 @@ def _triton_backward(
     mixture_grad: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of the training (``mass`` given) or eval (``mass`` None) forward; see the module docstring."""
-    return launch.backward(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, eps, mixture_grad)
+    return launch_backward(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, eps, mixture_grad)
 
 
 @_triton_forward.register_fake
@@ -117,7 +120,7 @@ def _setup_forward(ctx, inputs, output):
     x, mu, log_sigma, mix_logits, weight, bias, eps = inputs
     _, mean, var, mass = output
     ctx.mark_non_differentiable(mean, var, mass)
-    # No zero-filled gradients for the statistics (three launches per step).
+    # The statistics get no gradient: no zero tensors (three fills) for them.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, mu, log_sigma, mix_logits, weight, mean, var, mass)
     ctx.eps = eps
@@ -125,7 +128,7 @@ def _setup_forward(ctx, inputs, output):
 
 
 def _backward_forward(ctx, grad_out, _grad_mean, _grad_var, _grad_mass):
-    if grad_out is None:  # the output does not reach the loss (gradients are not zero-filled)
+    if grad_out is None:  # grads are not materialised: out took no part in the loss
         return (None,) * 7
     x, mu, log_sigma, mix_logits, weight, mean, var, mass = ctx.saved_tensors
     grads = torch.ops.uan.triton_backward(
@@ -163,32 +166,6 @@ def _backward_forward_eval(ctx, grad_out):
         grad_mix_logits,
         grad_mean,
         grad_var,
-        grad_weight if weight is not None else None,
-        grad_bias if ctx.has_bias else None,
-        None,
-    )
-
-
-def _setup_forward_mixture(ctx, inputs, output):
-    x, mu, log_sigma, mix_logits, weight, bias, eps = inputs
-    ctx.save_for_backward(x, mu, log_sigma, mix_logits, weight)
-    ctx.eps = eps
-    ctx.has_bias = bias is not None
-
-
-def _backward_forward_mixture(ctx, grad_out):
-    x, mu, log_sigma, mix_logits, weight = ctx.saved_tensors
-    # The statistics (mu, sigma^2) are constants of the eval transform, as in triton_forward_eval.
-    mean, var = mu.detach(), torch.exp(2.0 * log_sigma.detach())
-    grads = torch.ops.uan.triton_backward(
-        grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, None, ctx.eps, _needs_mixture_grad(ctx)
-    )
-    grad_x, grad_mu, grad_log_sigma, grad_mix_logits, grad_weight, grad_bias, _, _ = grads
-    return (
-        grad_x,
-        grad_mu,
-        grad_log_sigma,
-        grad_mix_logits,
         grad_weight if weight is not None else None,
         grad_bias if ctx.has_bias else None,
         None,
@@ -252,10 +229,37 @@ def _double_backward(ctx, *output_grads):
     return (*(None if t is None else next(grads) for t in inputs), None, None)
 
 
+def _setup_forward_mixture(ctx, inputs, output):
+    x, mu, log_sigma, mix_logits, weight, bias, eps = inputs
+    ctx.save_for_backward(x, mu, log_sigma, mix_logits, weight)
+    ctx.eps = eps
+    ctx.has_bias = bias is not None
+
+
+def _backward_forward_mixture(ctx, grad_out):
+    x, mu, log_sigma, mix_logits, weight = ctx.saved_tensors
+    # The statistics (mu, sigma^2) are constants of the eval transform, as in triton_forward_eval.
+    mean, var = mu.detach(), torch.exp(2.0 * log_sigma.detach())
+    grads = torch.ops.uan.triton_backward(
+        grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, None, ctx.eps, _needs_mixture_grad(ctx)
+    )
+    grad_x, grad_mu, grad_log_sigma, grad_mix_logits, grad_weight, grad_bias, _, _ = grads
+    return (
+        grad_x,
+        grad_mu,
+        grad_log_sigma,
+        grad_mix_logits,
+        grad_weight if weight is not None else None,
+        grad_bias if ctx.has_bias else None,
+        None,
+    )
+
+
 _triton_forward.register_autograd(_backward_forward, setup_context=_setup_forward)
 _triton_forward_eval.register_autograd(_backward_forward_eval, setup_context=_setup_forward_eval)
 _triton_forward_mixture.register_autograd(_backward_forward_mixture, setup_context=_setup_forward_mixture)
 _triton_backward.register_autograd(_double_backward, setup_context=_setup_backward)
+
 
 
 def train_forward(
