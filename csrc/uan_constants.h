@@ -60,12 +60,12 @@ C10_HOST_DEVICE inline T mixture_variance(T log_sigma) {
   return std::exp(T(2) * log_sigma);
 }
 
-// The affine-folded transform of component k about pivot p (mixture_transform).
+// The transform constants of component k about pivot p (mixture_transform).
 template <typename T>
-C10_HOST_DEVICE inline void transform_constants(T center, T var, T log_lam, T gamma, T beta, T eps, T pivot,
-                                                T& slope, T& intercept) {
+C10_HOST_DEVICE inline void transform_constants(T center, T var, T log_lam, T gamma, T eps, T pivot, T& slope,
+                                                T& shift) {
   slope = gamma * normalization_scale(log_lam, var, eps);
-  intercept = beta - slope * (center - pivot);
+  shift = center - pivot;
 }
 
 // Batch statistics of component k from the statistics pass's float64 sums

@@ -254,6 +254,11 @@ void for_units(int64_t units, F&& f) {
   });
 }
 
+template <typename acc_t>
+const acc_t* optional_data(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+}
+
 // Per-(k, c) constants of one call, rows of (K, C) blocks, and the (C,) pivots.
 template <typename acc_t>
 struct ChannelConstants {
@@ -263,7 +268,7 @@ struct ChannelConstants {
   std::vector<acc_t> pivot;    // (C,)
   std::vector<acc_t> rows;     // (kRows, K, C)
 
-  enum Row { kA, kB, kLogPrior, kSlope, kIntercept, kShift, kGammaScale, kMeanCoef, kVarCoef, kVarTerm, kRows };
+  enum Row { kA, kB, kLogPrior, kSlope, kShift, kGammaScale, kMeanCoef, kVarCoef, kVarTerm, kRows };
 
   ChannelConstants(const Parameters& p) : K(static_cast<int>(p.K)), C(p.mu.size(1)), log_lam(K), pivot(C) {
     rows.resize(kRows * K * C);
@@ -300,12 +305,10 @@ struct ChannelConstants {
 
   void transform(const Parameters& p, const acc_t* mean, const acc_t* var) {
     const acc_t* gamma = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* beta = p.bias.defined() ? p.bias.const_data_ptr<acc_t>() : nullptr;
     for (int k = 0; k < K; ++k) {
       for (int64_t c = 0; c < C; ++c) {
         transform_constants(mean[k * C + c], var[k * C + c], log_lam[k], gamma ? gamma[c] : acc_t(1),
-                            beta ? beta[c] : acc_t(0), static_cast<acc_t>(p.eps), pivot[c], at(kSlope, k, c),
-                            at(kIntercept, k, c));
+                            static_cast<acc_t>(p.eps), pivot[c], at(kSlope, k, c), at(kShift, k, c));
       }
     }
   }
@@ -354,21 +357,23 @@ std::vector<double> statistics_pass(const scalar_t* x_data, const Walker<acc_t>&
 
 template <typename scalar_t, int K, typename acc_t>
 void normalize_pass(const scalar_t* x_data, scalar_t* out_data, const Walker<acc_t>& walker,
-                    const ChannelConstants<acc_t>& consts) {
+                    const ChannelConstants<acc_t>& consts, const acc_t* bias) {
   using Vec = Vectorized<acc_t>;
   for_units(walker.num_units(), [&](int64_t u) {
     const Unit unit = walker.unit(u);
-    Vec r[3][K], slope[K], intercept[K], uk[K], e[K];
+    Vec r[3][K], slope[K], shift[K], uk[K], e[K];
     const auto resp = consts.template load_responsibilities<K>(walker, unit, r);
     walker.load_constants(consts.row(ChannelConstants<acc_t>::kSlope), K, unit, slope);
-    walker.load_constants(consts.row(ChannelConstants<acc_t>::kIntercept), K, unit, intercept);
+    walker.load_constants(consts.row(ChannelConstants<acc_t>::kShift), K, unit, shift);
     const Vec p = walker.load_channel_values(consts.pivot.data(), unit);
+    const Vec beta = bias ? walker.load_channel_values(bias, unit) : Vec(0);
     walker.for_each_span(
         unit,
         [&](int64_t offset, int64_t count) {
           const Vec xp = load<scalar_t, acc_t>(x_data + offset, count) - p;
           const Vec inv_total = responsibilities(xp, K, resp, uk, e);
-          store<scalar_t, acc_t>(out_data + offset, mixture_transform(xp, K, e, inv_total, slope, intercept), count);
+          store<scalar_t, acc_t>(out_data + offset, mixture_transform(xp, K, e, inv_total, slope, shift, beta),
+                                 count);
         },
         [] {});
   });
@@ -474,7 +479,8 @@ void forward_train(const at::Tensor& x, const ChannelView& view, const Parameter
     }
     consts.transform(p, mean_data, var_data);
     with_components(consts.K, [&](auto k) {
-      normalize_pass<scalar_t, decltype(k)::value>(x_data, out.mutable_data_ptr<scalar_t>(), walker, consts);
+      normalize_pass<scalar_t, decltype(k)::value>(x_data, out.mutable_data_ptr<scalar_t>(), walker, consts,
+                                                   optional_data<acc_t>(p.bias));
     });
   });
 }
@@ -498,7 +504,7 @@ void forward_eval(const at::Tensor& x, const ChannelView& view, const Parameters
     consts.transform(p, mean_data, var.defined() ? var.const_data_ptr<acc_t>() : mixture_var.data());
     with_components(consts.K, [&](auto k) {
       normalize_pass<scalar_t, decltype(k)::value>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                                   Walker<acc_t>(view), consts);
+                                                   Walker<acc_t>(view), consts, optional_data<acc_t>(p.bias));
     });
   });
 }

@@ -137,18 +137,20 @@ C10_HOST_DEVICE inline V responsibilities(const V& xp, int K, const Responsibili
   return softmax_reciprocal(total);
 }
 
-// Mixture transform with the affine folded in (eq. 9):
-//   out = sum_k tau_k (slope_k xp + intercept_k)
-// where slope_k = gamma scale_k, intercept_k = beta - slope_k (center_k - p)
-// and scale_k = lam_k^-1/2 (var_k + eps)^-1/2; sum_k tau_k = 1 carries beta.
+// Mixture transform with gamma folded in (eq. 9):
+//   out = sum_k tau_k slope_k (xp - shift_k) + beta
+// where slope_k = gamma scale_k, shift_k = center_k - p and
+// scale_k = lam_k^-1/2 (var_k + eps)^-1/2. The difference xp - shift_k =
+// x - center_k is taken first, so that it is exact near the component
+// however far the component is from the pivot (no large terms cancel).
 template <typename V>
 C10_HOST_DEVICE inline V mixture_transform(const V& xp, int K, const V* e, const V& inv_total, const V* slope,
-                                           const V* intercept) {
+                                           const V* shift, const V& beta) {
   V y(0);
   for (int k = 0; k < K; ++k) {
-    y = madd(e[k], madd(slope[k], xp, intercept[k]), y);
+    y = madd(e[k], slope[k] * (xp - shift[k]), y);
   }
-  return y * inv_total;
+  return madd(y, inv_total, beta);
 }
 
 // Per-(k, c) constants of the elementwise backward (DESIGN.md), about the

@@ -151,17 +151,18 @@ struct Normalize {
   static constexpr bool kReadsGrad = false;
   static constexpr bool kWritesOutput = true;
   ChannelResponsibilities<K, acc_t> r;
-  acc_t slope[K], intercept[K];
+  acc_t slope[K], shift[K];
+  acc_t beta;
 
   __device__ void load(const PassArgs<scalar_t>& a, int64_t c) {
     r.load(a, c);
     const acc_t gamma = a.gamma ? a.gamma[c] : acc_t(1);
-    const acc_t beta = a.beta ? a.beta[c] : acc_t(0);
+    beta = a.beta ? a.beta[c] : acc_t(0);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int64_t i = k * a.C + c;
-      transform_constants(a.mean[i], a.var ? a.var[i] : mixture_variance(a.log_sigma[i]), r.log_lam[k], gamma, beta,
-                          a.eps, r.pivot, slope[k], intercept[k]);
+      transform_constants(a.mean[i], a.var ? a.var[i] : mixture_variance(a.log_sigma[i]), r.log_lam[k], gamma, a.eps,
+                          r.pivot, slope[k], shift[k]);
     }
   }
 
@@ -169,7 +170,7 @@ struct Normalize {
     acc_t u[K], e[K];
     const acc_t xp = x - r.pivot;
     const acc_t inv_total = responsibilities(xp, K, r.constants(), u, e);
-    return mixture_transform(xp, K, e, inv_total, slope, intercept);
+    return mixture_transform(xp, K, e, inv_total, slope, shift, beta);
   }
 };
 
