@@ -103,9 +103,9 @@ def test_grad_output_in_another_layout(x_layout, grad_layout):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_module_training_step_on_default_backend(update, dtype):
     """UAN(backend="auto") on CPU (the C++ kernels) against a float64 twin on
-    the reference. Float32, measured: at most 6.1e-6 of a tensor's largest
-    entry (grad of mix_logits); tolerance 2e-5."""
-    checks.check_module_training_step(update, "cpu", dtype, tol=1e-10 if dtype == torch.float64 else 2e-5)
+    the reference. Float32, measured: at most 8.1e-6 of a tensor's largest
+    entry (grad of mix_logits); tolerance 3e-5."""
+    checks.check_module_training_step(update, "cpu", dtype, tol=1e-10 if dtype == torch.float64 else 3e-5)
 
 
 # --------------------------------------------------------------------------- #
@@ -125,7 +125,7 @@ def test_auto_on_cuda_order_cpp_then_triton_then_reference(monkeypatch):
     monkeypatch.setitem(ops._KERNEL_DEVICES, "cuda", True)
     assert _backends.resolve("auto", cuda).module is ops
     monkeypatch.setitem(ops._KERNEL_DEVICES, "cuda", False)
-    assert _backends.resolve("auto", cuda).module.__name__ == "uan_kernels.triton_ops"
+    assert _backends.resolve("auto", cuda) is _backends._load("triton")[0]
     monkeypatch.setitem(_backends._loaded, "triton", (None, "ImportError: no triton"))
     with pytest.warns(UserWarning, match="slow reference"):
         assert _backends.resolve("auto", cuda).module is reference
