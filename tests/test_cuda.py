@@ -6,6 +6,7 @@ elements. Skipped as a module where no CUDA device is visible. Where one is, an
 extension built without CUDA kernels fails the module (set
 UAN_ALLOW_MISSING_CUDA_KERNELS=1 to skip instead).
 """
+import math
 import os
 
 import pytest
@@ -17,7 +18,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 import uan_kernels  # noqa: E402
-from uan_kernels import ops, reference  # noqa: E402
+from uan_kernels import _backends, ops, reference  # noqa: E402
 
 if not ops.has_kernel("cuda"):
     # A GPU is here and torch has CUDA: an extension without CUDA kernels is a
@@ -28,6 +29,7 @@ if not ops.has_kernel("cuda"):
     pytest.skip("uan_kernels._C was built without CUDA kernels (UAN_ALLOW_MISSING_CUDA_KERNELS=1)",
                 allow_module_level=True)
 
+import checks  # noqa: E402
 from conftest import assert_compiled_training_matches_eager, make_input, make_mixture  # noqa: E402
 
 pytestmark = pytest.mark.cuda
@@ -179,7 +181,7 @@ def test_reduced_precision_error_within_twice_batchnorm(layout, components, trai
         want = reference.uan_eval(x.float(), mu, log_sigma, mix_logits, mean, var, weight, bias, EPS)
     assert out.dtype == dtype
     assert out.is_contiguous(memory_format=expected_format(x))
-    bn = F.batch_norm(x, None, None, weight.to(dtype), bias.to(dtype), training=True)
+    bn = F.batch_norm(x, None, None, weight, bias, training=True)  # float32 affine parameters, as under AMP
     bn_want = F.batch_norm(x.float(), None, None, weight, bias, training=True)
     assert rms_rel_err(out, want) <= 2 * rms_rel_err(bn, bn_want)
 
@@ -287,13 +289,21 @@ def test_deterministic(channels_last, dtype):
 
 
 def test_large_mean_small_spread_is_accurate():
-    """|mean| >> std: the pivot-shifted float32 sums must not cancel."""
-    x = make_input((16, 2, 32, 32), device=CUDA) + 1e4
+    """|mean| >> std: the pivot-shifted float32 sums must not cancel. The
+    components sit on the data, so that every one holds mass. Tolerances: a
+    few times the errors of the C++ and Triton kernels on CPU (mass 6e-8, mean
+    4.3e-8, var 1e-7), which do the same float32 arithmetic; a float32 mean
+    near 1e4 is itself rounded by up to 4.9e-8."""
+    x = (make_input((16, 2, 32, 32), device=CUDA) + 1e4).float()
     params = cuda_mixture(2, 3, torch.float32)
-    _, mean, var, _ = ops.train_forward(x.float(), *params, EPS)
-    _, want_mean, want_var, _ = reference.uan_train(x.float().double(), *double(params), EPS)
-    assert rel_err(mean, want_mean) < 1e-6
-    assert rel_err(var, want_var) < 1e-3
+    with torch.no_grad():
+        params[0] += 1e4
+    _, mean, var, mass = ops.train_forward(x, *params, EPS)
+    _, want_mean, want_var, want_mass = reference.uan_train(x.double(), *double(params), EPS)
+    assert (want_mass / want_mass.sum(0) > 0.2).all()
+    assert rel_err(mass, want_mass) < 1e-6
+    assert rel_err(mean, want_mean) < 1.5e-7
+    assert ((var.double() - want_var) / want_var).abs().max() < 1e-6
 
 
 def test_values_far_from_every_component_stay_finite():
@@ -373,3 +383,152 @@ def test_bfloat16_beyond_two_to_the_31_elements():
                                   want_mean[:, c:c + 1].float(), want_var[:, c:c + 1].float(), eps=EPS)
         got = out[n, c, start:start + span].view(1, 1, span)
         torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7)
+
+
+def free_gpu_bytes():
+    return torch.cuda.mem_get_info()[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["NCL", "channels_last"])
+def test_bfloat16_training_step_beyond_two_to_the_31_elements(layout):
+    """Forward and backward of a bfloat16 input of 2**31 + 2**20 elements, and
+    of a channels_last one: 1366 copies of a block along L (NCL) or N
+    (channels_last), so that the output and grad_input are copies of the
+    block's and the parameter gradients 1366 times the block's, all checked
+    against the float64 reference on one block (tests/checks.py; the same
+    check runs on CPU in test_checks.py, where its tolerances were measured).
+    Every copy is compared, including those past element 2**31."""
+    repeats = 1366
+    if layout == "NCL":
+        block_shape, dim, fmt = (2, 4, 3 * 2**16), 2, torch.contiguous_format
+    else:
+        block_shape, dim, fmt = (1, 16, 96, 1024), 0, torch.channels_last
+    numel = repeats * math.prod(block_shape)
+    assert numel > 2**31
+    bytes_needed = 4 * 2 * numel + 6 * 2**30  # input, grad_output, output, grad_input; compare chunks
+    if free_gpu_bytes() < bytes_needed:
+        pytest.skip(f"needs {bytes_needed / 2**30:.0f} GiB of free GPU memory")
+    channels = block_shape[1]
+    offsets = (torch.arange(channels, dtype=torch.float64) * 3).view(1, channels, *[1] * (len(block_shape) - 2))
+    block = (make_input(block_shape, device=CUDA) + offsets.to(CUDA)).to(torch.bfloat16)
+    grad_block = make_input(block_shape, device=CUDA, seed=2).to(torch.bfloat16)
+    mu, log_sigma, mix_logits, weight, bias = cuda_mixture(channels, 3, torch.float32)
+    mu = mu + offsets.view(1, channels).to(CUDA, torch.float32)
+    checks.check_periodic_training_step(ops.train_forward, block, grad_block, [mu, log_sigma, mix_logits, weight, bias],
+                                        repeats=repeats, dim=dim, memory_format=fmt)
+    torch.cuda.empty_cache()
+
+
+# Tolerances of the checks below, as error over a tensor's largest entry: those
+# measured on CPU for the same checks (test_checks.py: float32 at most 4e-6,
+# bfloat16 2.4e-3, the rounding of output and grad_input), with a margin for
+# the other order of summation on the GPU.
+CHECK_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("misaligned", ["input", "grad_output", "both"])
+def test_misaligned_storage_offset_takes_the_scalar_path(misaligned, dtype):
+    """Rows whose length allows 16-byte accesses, but data that starts one
+    element into its storage: the kernels must fall back to scalar loads."""
+    x = make_input((6, 5, 8, 12), dtype=dtype, device=CUDA)
+    grad_out = make_input(x.shape, dtype=dtype, device=CUDA, seed=9)
+    if misaligned in ("input", "both"):
+        x = checks.misaligned_copy(x)
+        assert x.data_ptr() % 16 != 0
+    if misaligned in ("grad_output", "both"):
+        grad_out = checks.misaligned_copy(grad_out)
+        assert grad_out.data_ptr() % 16 != 0
+    params = cuda_mixture(5, 3, torch.float64 if dtype == torch.float64 else torch.float32)
+    checks.check_against_reference(ops.train_forward, x, params, grad_out, CHECK_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("x_layout,grad_layout", [("contiguous", "channels_last"), ("channels_last", "contiguous"),
+                                                  ("contiguous", "sliced"), ("channels_last", "expanded")])
+def test_grad_output_in_another_layout(x_layout, grad_layout, dtype):
+    x = make_input((4, 5, 8, 12), dtype=dtype, device=CUDA, channels_last=x_layout == "channels_last")
+    grad_out = make_input(x.shape, dtype=dtype, device=CUDA, seed=9)
+    if grad_layout == "channels_last":
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    elif grad_layout == "sliced":
+        grad_out = make_input((4, 5, 8, 24), dtype=dtype, device=CUDA, seed=9)[..., ::2]
+    else:  # stride 0 along N
+        grad_out = grad_out[:1].expand(x.shape)
+    params = cuda_mixture(5, 3, torch.float32)
+    checks.check_against_reference(ops.train_forward, x, params, grad_out, CHECK_TOL[dtype])
+
+
+def fused_backends():
+    names = ["cpp"]
+    if not _backends.unavailable_reason("triton", CUDA):
+        names.append("triton")
+    return names
+
+
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+def test_non_default_stream(name):
+    """Forward and backward on a side stream, behind ~50 ms of GPU sleep and
+    the copies that write the input: a kernel launched on the default stream
+    instead of the current one would run before the copies and read zeros."""
+    if name not in fused_backends():
+        pytest.skip(f"backend {name!r} cannot run here: {_backends.unavailable_reason(name, CUDA)}")
+    impl = _backends.resolve(name, CUDA)
+    src = make_input((8, 6, 32, 32), dtype=torch.float32, device=CUDA)
+    grad_src = make_input(src.shape, dtype=torch.float32, device=CUDA, seed=9)
+    params = cuda_mixture(6, 3, torch.float32)
+    x, grad_out = torch.zeros_like(src), torch.zeros_like(src)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    assert side != torch.cuda.current_stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        x.copy_(src)
+        grad_out.copy_(grad_src)
+        forward, grads = checks.train_and_grads(impl.train, x, params, grad_out)
+    torch.cuda.synchronize()
+    want_forward, want_grads = checks.reference_train_and_grads(src, params, grad_src)
+    for got, want in zip(forward + grads, want_forward + want_grads):
+        assert rel_err(got.cpu(), want) < CHECK_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("update", ["weight", "moving_average"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_module_training_step_matches_reference(update, dtype, channels_last):
+    """UAN(backend="auto") on the GPU: one SGD step (output, parameter
+    gradients, every parameter and buffer after it, an eval forward) against a
+    float64 twin on the reference backend. Float32: 8.1e-6 measured on CPU
+    (test_checks.py, contiguous), tolerance 3e-5."""
+    checks.check_module_training_step(update, CUDA, dtype, tol=1e-10 if dtype == torch.float64 else 3e-5,
+                                      channels_last=channels_last)
+
+
+def test_auto_backend_on_cuda_is_the_cuda_kernels():
+    assert _backends.resolve("auto", CUDA) is _backends._load("cpp")[0]
+    assert uan_kernels.available_backends("cuda")[0] == "cpp"
+
+
+@pytest.mark.parametrize("update", ["weight", "moving_average"])
+def test_auto_backend_falls_back_to_triton_without_cuda_kernels(monkeypatch, update):
+    """A build without CUDA kernels (has_kernel("cuda") False): backend="auto"
+    runs the Triton kernels, and a training step still matches the reference."""
+    if "triton" not in fused_backends():
+        pytest.skip(f"Triton cannot run here: {_backends.unavailable_reason('triton', CUDA)}")
+    monkeypatch.setitem(ops._KERNEL_DEVICES, "cuda", False)
+    triton_backend = _backends._load("triton")[0]
+    assert _backends.resolve("auto", CUDA) is triton_backend
+    calls = []
+    for fn in ("train", "eval"):
+        original = getattr(triton_backend, fn)
+        monkeypatch.setattr(triton_backend, fn, lambda *a, _f=original, _n=fn: calls.append(_n) or _f(*a))
+    checks.check_module_training_step(update, CUDA, torch.float32, tol=3e-5)
+    assert calls == ["train", "eval"]
+
+
+def test_auto_backend_falls_back_to_reference_with_a_warning(monkeypatch):
+    monkeypatch.setitem(ops._KERNEL_DEVICES, "cuda", False)
+    monkeypatch.setitem(_backends._loaded, "triton", (None, "ImportError: no triton"))
+    with pytest.warns(UserWarning, match="slow reference"):
+        checks.check_module_training_step("weight", CUDA, torch.float32, tol=3e-5)

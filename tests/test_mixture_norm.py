@@ -5,13 +5,19 @@ import pytest
 import torch
 
 import uan_kernels
-from uan_kernels import mixture_norm, reference
+from uan_kernels import _backends, mixture_norm, reference
 from uan_kernels.mixture_norm import MixtureNorm
 
 
 def make(num_features=3, **kwargs):
-    kwargs.setdefault("backend", "reference")
+    """A MixtureNorm on its default backend ("auto": the C++ kernels on CPU), so
+    that comparisons with ``reference`` test what users run."""
     return MixtureNorm(num_features, **kwargs)
+
+
+def test_default_backend_is_the_compiled_extension():
+    assert make().backend == "auto"
+    assert _backends.resolve("auto", torch.device("cpu")).module is uan_kernels.ops
 
 
 def randomize_affine(m):
@@ -254,7 +260,7 @@ def test_runs_on_every_rank_and_memory_format(shape, channels_last):
         pytest.skip("channels_last needs 4 or 5 dims")
     torch.manual_seed(0)
     # em_samples below most batches' size exercises the random subsample too.
-    m = make(3, em_samples=50)
+    m = make(3, em_samples=50, backend="reference")
     randomize_affine(m)
     x = torch.randn(shape) * 2 + 1
     if channels_last:
@@ -355,7 +361,7 @@ def test_affine_false_and_extra_repr():
     out = m(x)
     assert torch.allclose(out, reference.uan_train(x, m.mu, m.log_sigma, m.mix_logits, eps=m.eps)[0], atol=1e-5)
     text = repr(m)
-    for part in ("3, num_components=3", "em_every=2", "em_iterations=4", "em_samples=128", "backend='reference'"):
+    for part in ("3, num_components=3", "em_every=2", "em_iterations=4", "em_samples=128", "backend='auto'"):
         assert part in text
     assert uan_kernels.MixtureNorm is MixtureNorm
 

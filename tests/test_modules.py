@@ -136,6 +136,8 @@ def test_functional_matches_module():
                               training=True, momentum=layer.momentum, eps=layer.eps)
     torch.testing.assert_close(layer(x), expected)
     torch.testing.assert_close(layer.running_mean, rm)
+    torch.testing.assert_close(layer.running_var, rv)
+    assert not torch.equal(rv, torch.ones_like(rv))  # the call updated it
 
 
 class SmallCNN(nn.Module):
