@@ -457,6 +457,9 @@ class RunResult:
     # mixture) averaged per domain over the test examples, (D, K) rows summing to 1.
     test_accuracy_per_domain: Optional[List[List[float]]] = None
     tau_per_domain: Optional[List[List[float]]] = None
+    # The same per channel, reduced to one number: the mean over channels of each
+    # channel's domain-component information (see domain_component_information).
+    domain_info_per_channel: Optional[float] = None
 
 
 @torch.no_grad()
@@ -486,14 +489,15 @@ def is_mixture(layer: nn.Module) -> bool:
 
 @torch.no_grad()
 def responsibilities_per_domain(model: "ShallowCNN", x: torch.Tensor, domain: torch.Tensor,
-                                num_domains: int) -> List[List[float]]:
-    """The responsibilities tau of the normalisation under test, averaged per domain.
+                                num_domains: int) -> torch.Tensor:
+    """The responsibilities tau of the normalisation under test, averaged per domain
+    and channel: a float64 ``(D, C, K)`` tensor whose rows ``[d, c, :]`` sum to 1.
 
     A forward pre-hook captures the layer's input for every example of ``x`` (in eval
     mode); tau is computed from the layer's current ``mu``, ``log_sigma`` and
     ``mix_logits`` (``uan_kernels.reference.responsibilities``, SPEC), averaged over
-    the elements and channels of each example, then over the examples of each
-    domain: a ``(D, K)`` table whose rows sum to 1.
+    the elements of each example and channel, then over the examples of each domain.
+    The mean over channels is the ``(D, K)`` table of :class:`RunResult`.
     """
     from uan_kernels import reference
 
@@ -505,7 +509,7 @@ def responsibilities_per_domain(model: "ShallowCNN", x: torch.Tensor, domain: to
     def capture(module, inputs):
         tau = reference.responsibilities(inputs[0].float(), layer.mu.float(), layer.log_sigma.float(),
                                          layer.mix_logits.float())
-        per_example.append(tau.flatten(2).mean(2).T.double())  # (K, N, C, *S) -> (N, K)
+        per_example.append(tau.flatten(3).mean(3).permute(1, 2, 0).double())  # (K, N, C, *S) -> (N, C, K)
 
     handle = layer.register_forward_pre_hook(capture)
     try:
@@ -514,9 +518,9 @@ def responsibilities_per_domain(model: "ShallowCNN", x: torch.Tensor, domain: to
         handle.remove()
     tau = torch.cat(per_example)
     counts = torch.bincount(domain, minlength=num_domains).double()
-    sums = torch.zeros(num_domains, tau.shape[1], dtype=torch.float64, device=tau.device)
+    sums = torch.zeros(num_domains, *tau.shape[1:], dtype=torch.float64, device=tau.device)
     sums.index_add_(0, domain, tau)
-    return (sums / counts[:, None]).tolist()
+    return (sums / counts[:, None, None]).cpu()
 
 
 def domain_component_information(tau_per_domain: Sequence[Sequence[float]],
@@ -583,7 +587,11 @@ def train_run(data: SplitData, variant: str, lr: float, seed: int, epochs: int, 
         if on_epoch is not None:
             on_epoch(epoch, train_loss, accuracy, epoch_time)
     if data.num_domains is not None and is_mixture(model.norms[model.norm_slot]):
-        result.tau_per_domain = responsibilities_per_domain(model, data.test_x, data.test_domain, data.num_domains)
+        tau = responsibilities_per_domain(model, data.test_x, data.test_domain, data.num_domains)
+        counts = torch.bincount(data.test_domain.cpu(), minlength=data.num_domains).tolist()
+        result.tau_per_domain = tau.mean(1).tolist()
+        result.domain_info_per_channel = float(np.mean(
+            [domain_component_information(tau[:, c].numpy(), counts) for c in range(tau.shape[1])]))
     return result
 
 
@@ -862,10 +870,12 @@ def responsibilities_markdown(results: Dict[str, object]) -> List[str]:
         "element's domain and its component divided by the domain's entropy (0: every domain has the same "
         "responsibilities; 1: each domain has components of its own, possible only with K ≥ D); it does not "
         "depend on the order of the components, so it is averaged over seeds (mean ± sample std), while the "
-        f"tables are for seed {first_seed}.",
+        f"tables are for seed {first_seed}. The table averages over channels, and component k of one channel "
+        "need not be component k of another (only the mixing weights are shared), so \"per channel\" also "
+        "gives the same score computed for each channel's own table, then averaged over channels.",
         "",
-        "| variant | lr | domain info per seed | mean ± std |",
-        "|---|---|---|---|",
+        "| variant | lr | domain info per seed | mean ± std | per channel, per seed | per channel, mean ± std |",
+        "|---|---|---|---|---|---|",
     ]
     tables = []
     for lr in config["lrs"]:
@@ -877,7 +887,14 @@ def responsibilities_markdown(results: Dict[str, object]) -> List[str]:
             scores = np.asarray([domain_component_information(run["tau_per_domain"], counts) for run in group])
             mean, std = _mean_std(scores)
             label = variant_label(variant, config)
-            lines.append(f"| {label} | {lr:g} | {', '.join(f'{v:.3f}' for v in scores)} | {mean:.3f} ± {std:.3f} |")
+            cells = [label, f"{lr:g}", ", ".join(f"{v:.3f}" for v in scores), f"{mean:.3f} ± {std:.3f}"]
+            per_channel = [run.get("domain_info_per_channel") for run in group]
+            if all(v is not None for v in per_channel):
+                channel_mean, channel_std = _mean_std(np.asarray(per_channel))
+                cells += [", ".join(f"{v:.3f}" for v in per_channel), f"{channel_mean:.3f} ± {channel_std:.3f}"]
+            else:
+                cells += ["", ""]
+            lines.append("| " + " | ".join(cells) + " |")
             first = next((run for run in group if run["seed"] == first_seed), None)
             if first is not None:
                 tau = first["tau_per_domain"]

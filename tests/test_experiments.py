@@ -239,6 +239,10 @@ def test_tiny_multidomain_run_reports_domains_and_responsibilities(digits, tmp_p
             tau = np.asarray(run["tau_per_domain"])
             assert tau.shape == (len(names), 4 if run["variant"] == "uan_ma_kD" else 3)
             assert np.all(tau >= 0) and np.allclose(tau.sum(1), 1.0, atol=1e-6)
+            # Per channel the score can only be higher than for the channel-averaged table (I(D;K|C) >= I(D;K)
+            # when the channel carries no domain information, as here: every element has every channel).
+            overall = shallow_cnn.domain_component_information(tau, counts)
+            assert overall - 1e-9 <= run["domain_info_per_channel"] <= 1.0
     summary = (out / "summary.md").read_text()
     assert "## Test accuracy per domain" in summary and "## Responsibilities per domain" in summary
     assert "| UAN (moving average, K = D = 4) | 0.005 |" in summary
