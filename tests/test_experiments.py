@@ -85,15 +85,15 @@ def test_tiny_run_writes_json_png_and_markdown(digits, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["epochs"] == 1 and results["config"]["train_size"] == 64
     assert results["environment"]["torch"] == torch.__version__
-    assert len(results["runs"]) == 2 * len(shallow_cnn.VARIANT_LABELS)
+    assert len(results["runs"]) == 2 * len(shallow_cnn.BASE_VARIANTS)  # the default variants
     for run in results["runs"]:
         for key in ("train_loss", "test_accuracy", "epoch_time_s", "epoch_cpu_s"):
             assert len(run[key]) == 1 and all(np.isfinite(run[key])), key
         assert all(0.0 <= acc <= 1.0 for acc in run["test_accuracy"])
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (out / "summary.md").read_text()
-    for label in shallow_cnn.VARIANT_LABELS.values():
-        assert f"| {label} | 0.005 |" in summary
+    for variant in shallow_cnn.BASE_VARIANTS:
+        assert f"| {shallow_cnn.VARIANT_LABELS[variant]} | 0.005 |" in summary
     batchnorm_row = next(line for line in summary.splitlines() if line.startswith("| BatchNorm | 0.005 |"))
     assert batchnorm_row.count("| 1.00x |") == 2  # wall and CPU time relative to itself
 
@@ -145,3 +145,122 @@ def test_mnist1d_is_generated_offline():
     data = shallow_cnn.load_dataset("mnist1d")
     assert data.train_x.shape == (4000, 1, 40) and data.test_x.shape == (1000, 1, 40)
     assert data.spatial_dims == 1 and set(data.train_y.unique().tolist()) == set(range(10))
+
+
+# ---------------------------------------------------------------------------
+# Multi-domain datasets
+# ---------------------------------------------------------------------------
+
+
+def test_multidomain_assignment_is_seeded_balanced_and_stable(digits):
+    first = shallow_cnn.load_dataset("digits-multidomain")
+    second = shallow_cnn.load_dataset("digits-multidomain")
+    num_domains = len(shallow_cnn.DOMAINS)
+    assert first.num_domains == num_domains and first.domain_names == tuple(d.name for d in shallow_cnn.DOMAINS)
+    for name in ("train_x", "train_y", "test_x", "test_y", "train_domain", "test_domain"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
+    # Same examples and labels as the single-domain split, each in one domain, balanced.
+    assert torch.equal(first.train_y, digits.train_y) and torch.equal(first.test_y, digits.test_y)
+    for domain, size in ((first.train_domain, 1437), (first.test_domain, 360)):
+        counts = torch.bincount(domain, minlength=num_domains)
+        assert domain.shape == (size,) and int(counts.max() - counts.min()) <= 1
+    # Domains are mixed in order (so every batch mixes them), and a subset keeps each example's domain.
+    assert len(set(first.train_domain[:16].tolist())) > 1
+    small = first.subset(100, 50)
+    assert torch.equal(small.train_domain, first.train_domain[:100]) and torch.equal(small.test_x, first.test_x[:50])
+    # Standardised overall, while the domains keep very different statistics.
+    assert abs(float(first.train_x.mean())) < 1e-4 and abs(float(first.train_x.std()) - 1) < 1e-4
+    stds = [float(first.train_x[first.train_domain == d].std()) for d in range(num_domains)]
+    assert max(stds) > 3 * min(stds)
+
+
+def test_multidomain_transforms_act_as_described():
+    """One repeated pattern through each domain: noise-free domains give exact
+    affine copies of it (x5 contrast, sign flip), the noisy one does not."""
+    pattern = torch.linspace(-1.5, 1.5, 12)
+    x = pattern.expand(40, 1, 12).clone()
+    y = torch.zeros(40, dtype=torch.int64)
+    base = shallow_cnn.SplitData("toy", x, y, x[:8].clone(), y[:8], 2)
+    data = shallow_cnn.make_multidomain(base)
+    by_name = {name: data.train_x[data.train_domain == d] for d, name in enumerate(data.domain_names)}
+
+    def centred(t):
+        return t[0, 0] - t[0, 0].mean()
+
+    identity = centred(by_name["identity"])
+    assert torch.allclose(centred(by_name["contrast"]), 5 * identity, atol=1e-5)
+    assert torch.allclose(centred(by_name["inverted"]), -identity, atol=1e-5)
+    for name in ("identity", "contrast", "inverted"):
+        assert torch.allclose(by_name[name], by_name[name][:1].expand_as(by_name[name])), name
+    assert float((by_name["noisy"] - by_name["identity"][:1]).std()) > 0.1
+
+
+def test_domain_component_information_bounds():
+    counts = [10, 10, 10, 10]
+    assert shallow_cnn.domain_component_information([[0.5, 0.3, 0.2]] * 4, counts) == pytest.approx(0, abs=1e-12)
+    assert shallow_cnn.domain_component_information(np.eye(4), counts) == pytest.approx(1.0)
+    permuted = np.eye(4)[:, [2, 0, 3, 1]]
+    assert shallow_cnn.domain_component_information(permuted, counts) == pytest.approx(1.0)
+    partial = shallow_cnn.domain_component_information([[0.9, 0.1], [0.1, 0.9], [0.5, 0.5], [0.5, 0.5]], counts)
+    assert 0 < partial < 0.5
+
+
+def test_per_domain_k_variants_need_domains(digits):
+    with pytest.raises(ValueError, match="multi-domain"):
+        shallow_cnn.norm_factory("uan_weight_kD", 2)
+    layer = shallow_cnn.norm_factory("uan_ma_kD", 2, num_components=3, num_domains=4)(16)
+    assert isinstance(layer, uan_kernels.UAN) and layer.num_components == 4 and layer.update == "moving_average"
+    with pytest.raises(SystemExit):
+        shallow_cnn.parse_args(["--dataset", "digits", "--variants", "uan_weight_kD"])
+    assert shallow_cnn.parse_args(["--dataset", "digits-multidomain"]).variants == [
+        "bn", "mn", "uan_weight", "uan_ma", "uan_weight_kD", "uan_ma_kD"]
+
+
+def test_tiny_multidomain_run_reports_domains_and_responsibilities(digits, tmp_path):
+    out = tmp_path / "digits-multidomain"
+    variants = ["bn", "uan_weight", "uan_ma_kD"]
+    shallow_cnn.main(["--dataset", "digits-multidomain", "--epochs", "2", "--seeds", "0", "1", "--lrs", "0.005",
+                      "--variants", *variants, "--max-train", "64", "--max-test", "40", "--batch-size", "32",
+                      "--threads", "1", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    domains = results["config"]["domains"]
+    names = [d.name for d in shallow_cnn.DOMAINS]
+    assert domains["names"] == names and sum(domains["test_counts"]) == 40 and sum(domains["train_counts"]) == 64
+    counts = np.asarray(domains["test_counts"], dtype=float)
+    assert len(results["runs"]) == 2 * len(variants)
+    for run in results["runs"]:
+        per_domain = np.asarray(run["test_accuracy_per_domain"])
+        assert per_domain.shape == (2, len(names))
+        # The domains partition the test set: their accuracies, weighted by size, give the overall one.
+        assert np.allclose(per_domain @ counts / counts.sum(), run["test_accuracy"], atol=1e-12)
+        if run["variant"] == "bn":
+            assert run["tau_per_domain"] is None
+        else:
+            tau = np.asarray(run["tau_per_domain"])
+            assert tau.shape == (len(names), 4 if run["variant"] == "uan_ma_kD" else 3)
+            assert np.all(tau >= 0) and np.allclose(tau.sum(1), 1.0, atol=1e-6)
+            # Per channel the score can only be higher than for the channel-averaged table (I(D;K|C) >= I(D;K)
+            # when the channel carries no domain information, as here: every element has every channel).
+            overall = shallow_cnn.domain_component_information(tau, counts)
+            assert overall - 1e-9 <= run["domain_info_per_channel"] <= 1.0
+    summary = (out / "summary.md").read_text()
+    assert "## Test accuracy per domain" in summary and "## Responsibilities per domain" in summary
+    assert "| UAN (moving average, K = D = 4) | 0.005 |" in summary
+    assert "## Paired differences" in summary
+    for name in ("curves.png", "responsibilities.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # The summary's per-domain table is the mean of the runs' final per-domain accuracies.
+    bn_row = next(line for line in summary.split("## Test accuracy per domain")[1].splitlines()
+                  if line.startswith("| BatchNorm | 0.005 |"))
+    bn_runs = [run for run in results["runs"] if run["variant"] == "bn"]
+    first_domain = np.mean([100 * run["test_accuracy_per_domain"][-1][0] for run in bn_runs])
+    assert bn_row.split("|")[4].strip().startswith(f"{first_domain:.2f} ±")
+
+
+def test_norm_slot_moves_the_layer_under_test():
+    model = shallow_cnn.ShallowCNN(1, 10, shallow_cnn.norm_factory("uan_weight", 2), norm_slot=0)
+    assert [type(norm) for norm in model.norms] == [uan_kernels.UAN] + [nn.BatchNorm2d] * 3
+    assert model(torch.randn(4, 1, 8, 8)).shape == (4, 10)
+    assert shallow_cnn.parse_args([]).norm_slot == 2
+    with pytest.raises(SystemExit):
+        shallow_cnn.parse_args(["--norm-slot", "5"])
