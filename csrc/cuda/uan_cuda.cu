@@ -561,6 +561,31 @@ __global__ void __launch_bounds__(kThreads) finalize_backward(
 
 constexpr int kParameterThreads = 1024;
 
+// totals[k] = the block's sum of every thread's owned[k], k < K, in a fixed
+// tree (deterministic); tree holds blockDim.x doubles (a power of two).
+__device__ void block_component_sums(const double (&owned)[kMaxComponents], int K, double* tree, double* totals) {
+  for (int k = 0; k < K; ++k) {
+    // Selected over the constant bound so that `owned` stays in registers.
+#pragma unroll
+    for (int j = 0; j < kMaxComponents; ++j) {
+      if (j == k) {
+        tree[threadIdx.x] = owned[j];
+      }
+    }
+    __syncthreads();
+    for (int width = blockDim.x / 2; width > 0; width /= 2) {
+      if (threadIdx.x < width) {
+        tree[threadIdx.x] += tree[threadIdx.x + width];
+      }
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      totals[k] = tree[0];
+    }
+    __syncthreads();
+  }
+}
+
 // grad_mu, grad_log_sigma and grad_mix_logits from the elementwise pass's
 // partials: one block, since mix_logits sums over every channel; thread t
 // owns the (k, c) pairs t, t + 1024, ... and the per-k totals are reduced in
@@ -589,25 +614,7 @@ __global__ void __launch_bounds__(kParameterThreads) finalize_parameters(
       owned[j] += (j == k) ? R[2] + log_lam_direct[i] : 0.0;
     }
   }
-  for (int k = 0; k < K; ++k) {
-#pragma unroll
-    for (int j = 0; j < kMaxComponents; ++j) {
-      if (j == k) {
-        tree[threadIdx.x] = owned[j];
-      }
-    }
-    __syncthreads();
-    for (int width = kParameterThreads / 2; width > 0; width /= 2) {
-      if (threadIdx.x < width) {
-        tree[threadIdx.x] += tree[threadIdx.x + width];
-      }
-      __syncthreads();
-    }
-    if (threadIdx.x == 0) {
-      grad_log_lam[k] = tree[0];
-    }
-    __syncthreads();
-  }
+  block_component_sums(owned, K, tree, grad_log_lam);
   if (threadIdx.x == 0) {
     acc_t log_lam[kMaxComponents];
     log_mixing_weights(mix_logits, K, log_lam);
@@ -624,7 +631,7 @@ __global__ void __launch_bounds__(kThreads) moving_average_kernel(T* mu, T* log_
                                                                   int64_t values_per_channel, double momentum) {
   __shared__ double tree[kThreads];
   __shared__ double mass_sums[kMaxComponents];
-  __shared__ int64_t finite_tree[kThreads];
+  __shared__ double finite_channels;
   double owned[kMaxComponents] = {};
   int64_t finite = 0;
   for (int64_t c = threadIdx.x; c < C; c += kThreads) {
@@ -636,34 +643,16 @@ __global__ void __launch_bounds__(kThreads) moving_average_kernel(T* mu, T* log_
       }
     }
   }
-  finite_tree[threadIdx.x] = finite;
-  for (int k = 0; k < K; ++k) {
-#pragma unroll
-    for (int j = 0; j < kMaxComponents; ++j) {
-      if (j == k) {
-        tree[threadIdx.x] = owned[j];
-      }
-    }
-    __syncthreads();
-    for (int width = kThreads / 2; width > 0; width /= 2) {
-      if (threadIdx.x < width) {
-        tree[threadIdx.x] += tree[threadIdx.x + width];
-        if (k == 0) {
-          finite_tree[threadIdx.x] += finite_tree[threadIdx.x + width];
-        }
-      }
-      __syncthreads();
-    }
-    if (threadIdx.x == 0) {
-      mass_sums[k] = tree[0];
-    }
-    __syncthreads();
-  }
+  block_component_sums(owned, K, tree, mass_sums);
+  // The count of finite channels, through the same tree (exact in float64).
+  const double finite_owned[kMaxComponents] = {static_cast<double>(finite)};
+  block_component_sums(finite_owned, 1, tree, &finite_channels);
   for (int64_t i = threadIdx.x; i < static_cast<int64_t>(K) * C; i += kThreads) {
     moving_average_component(mu[i], log_sigma[i], mean[i], var[i], momentum);
   }
   if (threadIdx.x == 0) {
-    moving_average_mixing_weights(mix_logits, mass_sums, finite_tree[0], values_per_channel, K, momentum);
+    moving_average_mixing_weights(mix_logits, mass_sums, static_cast<int64_t>(finite_channels), values_per_channel,
+                                  K, momentum);
   }
 }
 

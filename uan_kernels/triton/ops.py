@@ -153,8 +153,8 @@ def _setup_forward_eval(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward_forward_eval(ctx, grad_out):
-    x, mu, log_sigma, mix_logits, mean, var, weight = ctx.saved_tensors
+def _backward_forward_eval(ctx, grad_out, saved=None):
+    x, mu, log_sigma, mix_logits, mean, var, weight = ctx.saved_tensors if saved is None else saved
     grads = torch.ops.uan.triton_backward(
         grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, None, ctx.eps, _needs_mixture_grad(ctx)
     )
@@ -238,21 +238,11 @@ def _setup_forward_mixture(ctx, inputs, output):
 
 def _backward_forward_mixture(ctx, grad_out):
     x, mu, log_sigma, mix_logits, weight = ctx.saved_tensors
-    # The statistics (mu, sigma^2) are constants of the eval transform, as in triton_forward_eval.
-    mean, var = mu.detach(), torch.exp(2.0 * log_sigma.detach())
-    grads = torch.ops.uan.triton_backward(
-        grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, None, ctx.eps, _needs_mixture_grad(ctx)
-    )
-    grad_x, grad_mu, grad_log_sigma, grad_mix_logits, grad_weight, grad_bias, _, _ = grads
-    return (
-        grad_x,
-        grad_mu,
-        grad_log_sigma,
-        grad_mix_logits,
-        grad_weight if weight is not None else None,
-        grad_bias if ctx.has_bias else None,
-        None,
-    )
+    # The statistics (mu, sigma^2) are constants of the eval transform: the
+    # eval forward's gradients without those of mean and var.
+    grads = _backward_forward_eval(ctx, grad_out, (x, mu, log_sigma, mix_logits, mu.detach(),
+                                                   torch.exp(2.0 * log_sigma.detach()), weight))
+    return grads[:4] + grads[6:]
 
 
 _triton_forward.register_autograd(_backward_forward, setup_context=_setup_forward)
