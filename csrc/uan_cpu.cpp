@@ -254,11 +254,6 @@ void for_units(int64_t units, F&& f) {
   });
 }
 
-template <typename acc_t>
-const acc_t* optional_data(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
-}
-
 // Per-(k, c) constants of one call, rows of (K, C) blocks, and the (C,) pivots.
 template <typename acc_t>
 struct ChannelConstants {

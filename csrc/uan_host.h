@@ -32,6 +32,12 @@ void check_forward_inputs(
     const std::optional<at::Tensor>& bias, double eps);
 void check_statistics(const char* op, const char* name, const at::Tensor& stat, const at::Tensor& mu);
 
+// Data of an optional tensor (undefined: null), for kernels that default it.
+template <typename acc_t>
+const acc_t* optional_data(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+}
+
 // The mixture and affine parameters of a call, in the accumulation type
 // (parameters are float32 for float16/bfloat16 input, else the input's type),
 // contiguous. weight and bias may be undefined (1 and 0).

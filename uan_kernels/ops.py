@@ -125,9 +125,9 @@ def _setup_forward_stats(ctx, inputs, output):
     ctx.save_for_backward(input, mu, log_sigma, mix_logits, weight, mean, var)
 
 
-def _backward_forward_stats(ctx, grad_output):
-    grad_input, grad_mu, grad_log_sigma, grad_mix, grad_weight, grad_bias = _grads(ctx, ctx.saved_tensors,
-                                                                                   grad_output, None)
+def _backward_forward_stats(ctx, grad_output, saved=None):
+    saved = ctx.saved_tensors if saved is None else saved
+    grad_input, grad_mu, grad_log_sigma, grad_mix, grad_weight, grad_bias = _grads(ctx, saved, grad_output, None)
     # The given statistics are constants of the eval transform.
     return (
         grad_input, grad_mu, grad_log_sigma, grad_mix, None, None,
@@ -145,13 +145,11 @@ def _setup_forward_mixture(ctx, inputs, output):
 
 def _backward_forward_mixture(ctx, grad_output):
     input, mu, log_sigma, mix_logits, weight = ctx.saved_tensors
-    # The statistics (mu, sigma^2) are constants of the eval transform, as in forward.stats.
+    # The statistics (mu, sigma^2) are constants of the eval transform: forward.stats's
+    # gradients without those of mean and var.
     saved = (input, mu, log_sigma, mix_logits, weight, mu.detach(), torch.exp(2.0 * log_sigma.detach()))
-    grad_input, grad_mu, grad_log_sigma, grad_mix, grad_weight, grad_bias = _grads(ctx, saved, grad_output, None)
-    return (
-        grad_input, grad_mu, grad_log_sigma, grad_mix,
-        grad_weight if ctx.has_weight else None, grad_bias if ctx.has_bias else None, None,
-    )
+    grads = _backward_forward_stats(ctx, grad_output, saved)
+    return grads[:4] + grads[6:]
 
 
 torch.library.register_autograd("uan::forward", _backward_forward, setup_context=_setup_forward)

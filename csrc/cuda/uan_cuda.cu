@@ -748,11 +748,6 @@ Partials run_pass(PassArgs<scalar_t> a, const ChannelView& view, int K, const at
   return partials;
 }
 
-template <typename acc_t>
-const acc_t* optional_data(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
-}
-
 template <typename scalar_t>
 PassArgs<scalar_t> pass_args(const at::Tensor& x, const ChannelView& view, const Parameters& p) {
   using acc_t = at::opmath_type<scalar_t>;
