@@ -57,6 +57,11 @@ def detect_cpu_capability() -> str:
     return "default"
 
 
+def parallel_backend_is_openmp() -> bool:
+    """Whether torch runs intra-op parallelism on OpenMP (and this compiler is gcc-like on Linux)."""
+    return platform.system() == "Linux" and "OpenMP" in torch.__config__.parallel_info()
+
+
 def build_cuda() -> bool:
     return (
         os.environ.get("UAN_FORCE_CPU", "0") in ("", "0")
@@ -72,6 +77,12 @@ def extension():
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
     cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wno-maybe-uninitialized", *CPU_CAPABILITY_FLAGS[capability]]
     common = {"include_dirs": [os.path.join(HERE, CSRC)], "py_limited_api": False}
+    if parallel_backend_is_openmp():
+        # at::parallel_for is inline: without -fopenmp it compiles to a serial
+        # loop, and the CPU kernels would ignore torch.set_num_threads. The
+        # OpenMP runtime is torch's own (the same libgomp.so.1, already loaded).
+        cxx_flags.append("-fopenmp")
+        common["extra_link_args"] = ["-fopenmp"]
     if build_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))

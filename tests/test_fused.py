@@ -7,6 +7,7 @@ and moved to the backend's device inside the call (differentiably), so every
 test reads the same on either machine.
 """
 import importlib.util
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -300,6 +301,20 @@ def test_cpp_bitwise_equal_across_thread_counts(case):
         torch.set_num_threads(threads)
     for a, b in zip(single, multi):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or "OpenMP" not in torch.__config__.parallel_info(),
+    reason="torch's intra-op threads are OpenMP's only on Linux builds that say so",
+)
+def test_cpp_kernels_run_on_torch_threads():
+    """at::parallel_for is inline: an extension compiled without OpenMP runs every
+    pass on one thread whatever torch.set_num_threads says. Built with it, the
+    extension imports the OpenMP runtime's parallel-region entry point."""
+    import uan_kernels._C as extension
+
+    with open(extension.__file__, "rb") as f:
+        assert b"GOMP_parallel" in f.read()
 
 
 @pytest.mark.parametrize("name", FUSED)
