@@ -424,6 +424,9 @@ def test_m_step_from_sums_is_the_plain_m_step():
     values = mixture_norm._channel_values(x)
     floor = 1e-3 * values.var(1, unbiased=False)
     for _ in range(6):
+        channel_var = mixture_norm._channel_variance_from_sums(plain_sums(values, mean, var, lam), mean,
+                                                               values.shape[1])
+        torch.testing.assert_close(channel_var, values.var(1, unbiased=False), rtol=1e-12, atol=0)
         tau = mixture_norm._e_step(values, mean, var, lam)
         expected = mixture_norm._m_step(values, tau, mean, var, floor)
         min_weight = mixture_norm._MIN_MIXING_WEIGHT * values.numel()
@@ -451,9 +454,11 @@ def test_fused_em_matches_plain_em_over_iterations(backend, subsample):
     floor = (1e-3 * values.var(1, unbiased=False)).clamp_min(1e-12)
     plain = fused = (mean, var, lam)
     floored = 0
-    for _ in range(8):
+    for step in range(8):
         plain = mixture_norm._plain_em(values, *plain, floor, iterations=1)
-        fused = mixture_norm._fused_em(statistics, data, *fused, floor, iterations=1, param_dtype=torch.float64)
+        # None: the floor from the channel variances of the E-step's sums, as a warm start does.
+        fused = mixture_norm._fused_em(statistics, data, *fused, floor if step % 2 else None, iterations=1,
+                                       param_dtype=torch.float64)
         for a, b in zip(fused, plain):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
         floored += int((plain[1] == floor).sum())

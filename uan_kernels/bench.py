@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from . import MixtureNorm, UAN, _backends, available_backends, mixture_norm
+from .functional import values_per_channel
 
 # Passes over the tensor each pass must make (DESIGN.md): the training forward
 # reads x twice and writes y; the backward reads x and dy twice and writes dx;
@@ -437,13 +438,18 @@ def em_functions(device: torch.device, shape: tuple, dtype: torch.dtype, compone
         return torch.no_grad()(fn)
 
     def em_iteration(data):
-        floor = mixture_norm._variance_floor(mixture_norm._fused_channel_variance(statistics, data, param_dtype))
+        sums = statistics(data, *mixture)
+        channel_var = mixture_norm._channel_variance_from_sums(sums, full.mu.double(), values_per_channel(data))
+        floor = mixture_norm._variance_floor(channel_var)
         return no_grad(lambda: mixture_norm._fused_em(statistics, data, *start, floor, 1, param_dtype))
 
     def seeding(data):
-        channel_var = mixture_norm._fused_channel_variance(statistics, data, param_dtype)
-        return no_grad(lambda: mixture_norm._initial_fit(mixture_norm._channel_values(data), channel_var,
-                                                         mixture_norm._variance_floor(channel_var), components))
+        def first_fit_start():
+            values = mixture_norm._channel_values(data)
+            channel_var = values.var(1, unbiased=False)
+            return mixture_norm._initial_fit(values, channel_var, mixture_norm._variance_floor(channel_var),
+                                             components)
+        return no_grad(first_fit_start)
 
     def training_forward(module):
         return no_grad(lambda: module(x))

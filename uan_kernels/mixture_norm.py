@@ -64,9 +64,12 @@ def _em_input(x: Tensor, num_samples: Optional[int]) -> Tensor:
     flat = torch.randint(x3.shape[0] * positions, (num_samples,), device=x.device).sort().values
     batch, position = flat // positions, flat % positions
     if x3.is_contiguous():
-        # One gather of (C, n) offsets into the flat input (cheaper than indexing on CPU).
-        offsets = (batch * (channels * positions) + position) + torch.arange(
-            0, channels * positions, positions, device=x.device).unsqueeze(1)
+        # One gather of (C, n) offsets into the flat input (cheaper than indexing on CPU),
+        # int32 when they fit: half the index bytes to write and read.
+        index_dtype = torch.int32 if x.numel() < 2**31 else torch.int64
+        first = (batch * (channels * positions) + position).to(index_dtype)
+        offsets = first + torch.arange(0, channels * positions, positions, device=x.device,
+                                       dtype=index_dtype).unsqueeze(1)
         return x3.view(-1).index_select(0, offsets.view(-1)).view(1, channels, num_samples)
     return x3[batch, :, position].t().contiguous().unsqueeze(0)
 
@@ -79,22 +82,6 @@ def _variance_floor(channel_var: Tensor) -> Tensor:
 def _channel_values(data: Tensor) -> Tensor:
     """``(C, n)`` values of an EM input in the EM compute dtype (a view of a ``(1, C, n)`` sample)."""
     return data.transpose(0, 1).reshape(data.shape[1], -1).to(compute_dtype(data.dtype))
-
-
-def _fused_channel_variance(statistics: StatisticsPass, data: Tensor, param_dtype: torch.dtype) -> Tensor:
-    """Biased variance ``(C,)`` of each channel of an EM input, in ``param_dtype``.
-
-    One statistics pass with a single component (``tau = 1``) about each channel's
-    first value: a variance that is accurate when ``|mean| >> std``, at the cost
-    of a read of ``data`` (a strided ``torch.var`` over the batch dims costs
-    several times a statistics pass on CPU).
-    """
-    channels = data.shape[1]
-    pivot = data[(0, slice(None)) + (0,) * (data.dim() - 2)].to(param_dtype).unsqueeze(0)
-    sums = statistics(data, pivot, pivot.new_zeros(1, channels), pivot.new_zeros(1))[:, 0]
-    count = values_per_channel(data)
-    shift = sums[1] / count
-    return (sums[2] / count - shift.square()).clamp_min(0.0).to(param_dtype)
 
 
 def _kmeans_pp(values: Tensor, num_components: int) -> Tensor:
@@ -181,6 +168,18 @@ def _plain_em(values: Tensor, mean: Tensor, var: Tensor, lam: Tensor, var_floor:
     return mean, var, lam
 
 
+def _channel_variance_from_sums(sums: Tensor, pivot: Tensor, count: int) -> Tensor:
+    """Biased variance ``(C,)`` of each channel's ``count`` values from an E-step's
+    ``(3, K, C)`` sums about ``pivot`` (any mixture: ``sum_k tau_k = 1`` for every value).
+
+    About the channel mean ``m``: ``sum_k [T2_k + 2 (p_k - m) T1_k + (p_k - m)^2 S_k]``,
+    each component's term being ``sum tau_k (x - m)^2 >= 0``.
+    """
+    mass, shifted_sum, shifted_square_sum = sums.unbind(0)
+    offset = pivot - (torch.addcmul(shifted_sum, mass, pivot).sum(0) / count)
+    return torch.addcmul(shifted_square_sum, offset, torch.addcmul(2.0 * shifted_sum, offset, mass)).sum(0) / count
+
+
 def _m_step_from_sums(sums: Tensor, pivot: Tensor, prev_mean: Tensor, prev_var: Tensor, var_floor: Tensor,
                       min_weight: float) -> Tuple[Tensor, Tensor, Tensor]:
     """:func:`_m_step` from the E-step's float64 ``(3, K, C)`` sums about ``pivot``.
@@ -206,20 +205,28 @@ def _m_step_from_sums(sums: Tensor, pivot: Tensor, prev_mean: Tensor, prev_var: 
 
 
 def _fused_em(statistics: StatisticsPass, data: Tensor, mean: Tensor, var: Tensor, lam: Tensor,
-              var_floor: Tensor, iterations: int, param_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+              var_floor: Optional[Tensor], iterations: int,
+              param_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
     """``iterations`` EM iterations, each one statistics pass over ``data`` (the E-step and
     the sums of the M-step) and O(K*C) float64 updates; returns float64 ``(mean, var, lam)``.
 
     ``statistics(data, mu, log_sigma, mix_logits)`` is a backend's fused pass, called
-    with the mixture in ``param_dtype``; its sums are about that ``mu``.
+    with the mixture in ``param_dtype``; its sums are about that ``mu``. A
+    ``var_floor`` of None is taken from the channel variances that the first
+    E-step's sums give (:func:`_channel_variance_from_sums`), with no pass of its own.
     """
-    mean, var, weight, var_floor = (t.to(torch.float64) for t in (mean, var, lam, var_floor))
-    min_weight = _MIN_MIXING_WEIGHT * values_per_channel(data) * data.shape[1]
+    mean, var, weight = (t.to(torch.float64) for t in (mean, var, lam))
+    var_floor = None if var_floor is None else var_floor.to(torch.float64)
+    count = values_per_channel(data)
+    min_weight = _MIN_MIXING_WEIGHT * count * data.shape[1]
     for _ in range(iterations):
         mu = mean.to(param_dtype)
         log_sigma = torch.log(var).mul_(0.5).to(param_dtype)
         sums = statistics(data, mu, log_sigma, torch.log(weight).to(param_dtype))
-        mean, var, weight = _m_step_from_sums(sums, mu.to(torch.float64), mean, var, var_floor, min_weight)
+        pivot = mu.to(torch.float64)
+        if var_floor is None:
+            var_floor = _variance_floor(_channel_variance_from_sums(sums, pivot, count))
+        mean, var, weight = _m_step_from_sums(sums, pivot, mean, var, var_floor, min_weight)
     return mean, var, weight / weight.sum()
 
 
@@ -367,17 +374,17 @@ class MixtureNorm(nn.Module):
         fitted = bool(self.fitted)
         data = _em_input(input.detach(), self.em_samples)
         statistics = self._statistics_pass(data.device)
-        # (C, n) values: for the plain EM and for k-means++ seeding only.
+        # (C, n) values for the plain EM and k-means++ seeding; the fused EM of a
+        # warm start takes the channel variances from its first E-step's sums instead.
         values = None if statistics is not None and fitted else _channel_values(data)
-        if statistics is None:
-            channel_var = values.var(1, unbiased=False)
-        else:
-            channel_var = _fused_channel_variance(statistics, data, self.mu.dtype)
-        var_floor = _variance_floor(channel_var)
+        channel_var = None if values is None else values.var(1, unbiased=False)
+        var_floor = None if channel_var is None else _variance_floor(channel_var)
         if fitted:
-            mean = self.mu.to(channel_var.dtype)
-            var = torch.exp(2.0 * self.log_sigma.to(channel_var.dtype)).clamp_min(var_floor)
-            lam = torch.softmax(self.mix_logits.to(channel_var.dtype), dim=0)
+            # From the buffers as they are: the variance floor applies in each M-step.
+            dtype = compute_dtype(data.dtype)
+            mean = self.mu.to(dtype)
+            var = torch.exp(2.0 * self.log_sigma.to(dtype))
+            lam = torch.softmax(self.mix_logits.to(dtype), dim=0)
         else:
             mean, var, lam = _initial_fit(values, channel_var, var_floor, self.num_components)
         if statistics is None:
