@@ -385,10 +385,11 @@ def test_runs_on_cuda_like_on_cpu():
 
 # The fused EM (one statistics pass of the backend per iteration) against the plain-PyTorch EM.
 FUSED_BACKENDS = ["cpp", "triton"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
-def skip_unless_available(backend, device=torch.device("cpu")):
-    why = _backends.unavailable_reason(backend, device)
+def skip_unless_available(backend, device="cpu"):
+    why = _backends.unavailable_reason(backend, torch.device(device))
     if why:
         pytest.skip(why)
 
@@ -401,7 +402,7 @@ def plain_sums(values, mean, var, lam):
     return torch.stack([tau.sum(2), (tau * diff).sum(2), (tau * diff.square()).sum(2)])
 
 
-def em_problem(shape=(4, 3, 5, 6)):
+def em_problem(shape=(4, 3, 5, 6), device="cpu"):
     """Float64 input and a starting mixture that exercise both M-step rules.
 
     Channel 0 holds three separated clusters; channel 1 only the values 0 and 1
@@ -416,7 +417,7 @@ def em_problem(shape=(4, 3, 5, 6)):
     mean = torch.tensor([[-5.0, -0.2, -1.0], [0.5, 0.4, 0.0], [5.0, 1.2, 9.0]], dtype=torch.float64)
     var = torch.tensor([[2.0, 0.1, 1.0], [1.0, 0.1, 1.0], [2.0, 0.1, 1.0]], dtype=torch.float64)
     lam = torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64)
-    return x, mean, var, lam
+    return tuple(t.to(device) for t in (x, mean, var, lam))
 
 
 def test_m_step_from_sums_is_the_plain_m_step():
@@ -443,10 +444,11 @@ def test_m_step_from_sums_is_the_plain_m_step():
 
 @pytest.mark.parametrize("subsample", [False, True], ids=["full_batch", "subsample"])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_fused_em_matches_plain_em_over_iterations(backend, subsample):
-    skip_unless_available(backend)
-    statistics = _backends.resolve(backend, torch.device("cpu")).module.statistics
-    x, mean, var, lam = em_problem()
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_em_matches_plain_em_over_iterations(device, backend, subsample):
+    skip_unless_available(backend, device)
+    statistics = _backends.resolve(backend, torch.device(device)).module.statistics
+    x, mean, var, lam = em_problem(device=device)
     # The subsample is EM's (1, C, n) tensor of sampled positions; the full batch is the input itself.
     data = mixture_norm._em_input(x, 50) if subsample else x
     assert data.shape == ((1, 3, 50) if subsample else x.shape)
@@ -468,15 +470,16 @@ def test_fused_em_matches_plain_em_over_iterations(backend, subsample):
 
 @pytest.mark.parametrize("em_samples", [None, 40], ids=["full_batch", "subsample"])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_fused_fit_matches_plain_fit_from_seeding_on(backend, em_samples, monkeypatch):
-    skip_unless_available(backend)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_fit_matches_plain_fit_from_seeding_on(device, backend, em_samples, monkeypatch):
+    skip_unless_available(backend, device)
     plain_calls = []
     plain_em = mixture_norm._plain_em
     monkeypatch.setattr(mixture_norm, "_plain_em", lambda *a: plain_calls.append(1) or plain_em(*a))
-    kwargs = {"em_iterations": 6, "em_samples": em_samples, "dtype": torch.float64}
+    kwargs = {"em_iterations": 6, "em_samples": em_samples, "dtype": torch.float64, "device": device}
     fused = MixtureNorm(3, backend=backend, **kwargs)
     plain = MixtureNorm(3, backend="reference", **kwargs)
-    x = em_problem()[0]
+    x = em_problem(device=device)[0]
     # Seeding, then a warm start on another batch: the same draws, the same fit.
     for step, batch in enumerate((x, x.flip(0) * 1.5 + 0.5)):
         for m in (fused, plain):
