@@ -468,10 +468,11 @@ def test_fused_em_matches_plain_em_over_iterations(device, backend, subsample):
     assert floored > 0
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("em_samples", [None, 40], ids=["full_batch", "subsample"])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_fused_fit_matches_plain_fit_from_seeding_on(device, backend, em_samples, monkeypatch):
+def test_fused_fit_matches_plain_fit_from_seeding_on(device, backend, em_samples, channels_last, monkeypatch):
     skip_unless_available(backend, device)
     plain_calls = []
     plain_em = mixture_norm._plain_em
@@ -480,6 +481,8 @@ def test_fused_fit_matches_plain_fit_from_seeding_on(device, backend, em_samples
     fused = MixtureNorm(3, backend=backend, **kwargs)
     plain = MixtureNorm(3, backend="reference", **kwargs)
     x = em_problem(device=device)[0]
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
     # Seeding, then a warm start on another batch: the same draws, the same fit.
     for step, batch in enumerate((x, x.flip(0) * 1.5 + 0.5)):
         for m in (fused, plain):
