@@ -11,13 +11,18 @@ whole round; each implementation's median time and its ratios to BatchNorm2d
 and to the compiled reference (medians of per-round ratios, with quartiles)
 are in the case's extra_info, in the saved JSON. Cases come from the same
 factory as the `uan-bench` table. Triton is benchmarked on GPUs only.
+
+``test_mixture_norm_em`` ("<shape> MixtureNorm EM <backend>"): MixtureNorm's EM
+operations (one EM iteration, the seeding, the training forward with EM every
+step) paired with UAN's statistics pass and training forward, with the ratios
+to both in extra_info, as in the table's EM section.
 """
 from dataclasses import asdict
 
 import pytest
 import torch
 
-from uan_kernels.bench import PASSES, SHAPES, PairedRounds, make_module, pass_function, runnable
+from uan_kernels.bench import PASSES, SHAPES, PairedRounds, em_functions, make_module, pass_function, runnable
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE.type == "cuda" else [torch.float32]
@@ -44,6 +49,24 @@ def test_paired_round(benchmark, implementations, pass_name, shape_name, dtype, 
             "median_ms": paired.seconds(name).median * 1e3,
             "x_batchnorm2d": _as_dict(paired.ratio(name, "batchnorm2d")),
             "speedup_vs_compiled_reference": _as_dict(paired.ratio("uan_reference_compiled", name)),
+        }
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("shape_name", list(SHAPES[DEVICE.type]))
+def test_mixture_norm_em(benchmark, shape_name, backend):
+    why = runnable(f"uan_{backend}", DEVICE)
+    if why:
+        pytest.skip(why)
+    benchmark.group = f"{shape_name} MixtureNorm EM {backend}"
+    paired = PairedRounds(em_functions(DEVICE, SHAPES[DEVICE.type][shape_name], torch.float32, 3, backend), DEVICE)
+    paired.warm_up()
+    benchmark.pedantic(paired.round, rounds=ROUNDS, warmup_rounds=0)
+    for name in paired.functions:
+        benchmark.extra_info[name] = {
+            "median_ms": paired.seconds(name).median * 1e3,
+            "x_uan_statistics": _as_dict(paired.ratio(name, "uan_statistics")),
+            "x_uan_forward": _as_dict(paired.ratio(name, "uan_forward")),
         }
 
 

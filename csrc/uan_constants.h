@@ -84,6 +84,16 @@ C10_HOST_DEVICE inline void statistics_from_sums(double S, double T1, double T2,
   mass = static_cast<T>(S);
 }
 
+// The statistics pass's sums about pivot p re-expressed about pivot q, with
+// offset = p - q (x - q = (x - p) + offset):
+//   T1' = T1 + offset S,   T2' = T2 + 2 offset T1 + offset^2 S.
+// Passes accumulate about a value of the channel (accurate in float32); sums
+// about a pivot every process knows (the component mean mu) add across batches.
+C10_HOST_DEVICE inline void repivot_sums(double S, double& T1, double& T2, double offset) {
+  T2 += offset * (2.0 * T1 + offset * S);
+  T1 += offset * S;
+}
+
 // Backward coefficients of component k (BackwardConstants of uan_math.h) from
 // the reduce pass's float64 sums about pivot p: A = sum dout tau_k,
 // Bp = sum dout tau_k (x - p). With B = sum dout tau_k (x - center_k):

@@ -10,6 +10,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -350,6 +351,15 @@ std::vector<double> statistics_pass(const scalar_t* x_data, const Walker<acc_t>&
   return chunk_sums.totals();
 }
 
+// statistics_pass for the runtime K: (3, K, C) sums about each channel's pivot.
+template <typename scalar_t, typename acc_t>
+std::vector<double> run_statistics_pass(const scalar_t* x_data, const Walker<acc_t>& walker,
+                                        const ChannelConstants<acc_t>& consts) {
+  std::vector<double> sums;
+  with_components(consts.K, [&](auto k) { sums = statistics_pass<scalar_t, decltype(k)::value>(x_data, walker, consts); });
+  return sums;
+}
+
 template <typename scalar_t, int K, typename acc_t>
 void normalize_pass(const scalar_t* x_data, scalar_t* out_data, const Walker<acc_t>& walker,
                     const ChannelConstants<acc_t>& consts, const acc_t* bias) {
@@ -458,8 +468,7 @@ void forward_train(const at::Tensor& x, const ChannelView& view, const Parameter
     ChannelConstants<acc_t> consts(p);
     consts.pivot_from_input(x_data, view);
     consts.responsibilities(p);
-    std::vector<double> sums;
-    with_components(consts.K, [&](auto k) { sums = statistics_pass<scalar_t, decltype(k)::value>(x_data, walker, consts); });
+    const std::vector<double> sums = run_statistics_pass<scalar_t>(x_data, walker, consts);
     const int K = consts.K;
     const int64_t C = consts.C;
     acc_t* mean_data = mean.mutable_data_ptr<acc_t>();
@@ -584,6 +593,42 @@ void backward(const at::Tensor& grad_out, const at::Tensor& x, const ChannelView
   });
 }
 
+// The statistics pass about each channel's first element, as the training
+// forward's, with its float64 totals moved to the component means mu.
+void statistics(const at::Tensor& x, const ChannelView& view, const Parameters& p, at::Tensor& sums) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uan_statistics_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    ChannelConstants<acc_t> consts(p);
+    consts.pivot_from_input(x_data, view);
+    consts.responsibilities(p);
+    std::vector<double> about_pivot = run_statistics_pass<scalar_t>(x_data, Walker<acc_t>(view), consts);
+    const int64_t plane = consts.K * consts.C;
+    const acc_t* mu = p.mu.const_data_ptr<acc_t>();
+    for (int64_t i = 0; i < plane; ++i) {
+      repivot_sums(about_pivot[i], about_pivot[plane + i], about_pivot[2 * plane + i],
+                   static_cast<double>(consts.pivot[i % consts.C]) - static_cast<double>(mu[i]));
+    }
+    std::copy(about_pivot.begin(), about_pivot.end(), sums.mutable_data_ptr<double>());
+  });
+}
+
+void statistics_finalize(const at::Tensor& sums, const at::Tensor& mu, at::Tensor& mean, at::Tensor& var,
+                         at::Tensor& mass) {
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "uan_statistics_finalize_cpu", [&] {
+    const int64_t plane = mu.numel();
+    const double* s = sums.const_data_ptr<double>();
+    const scalar_t* mu_data = mu.const_data_ptr<scalar_t>();
+    scalar_t* mean_data = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* var_data = var.mutable_data_ptr<scalar_t>();
+    scalar_t* mass_data = mass.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < plane; ++i) {
+      statistics_from_sums(s[i], s[plane + i], s[2 * plane + i], static_cast<double>(mu_data[i]), mean_data[i],
+                           var_data[i], mass_data[i]);
+    }
+  });
+}
+
 void moving_average_update(at::Tensor& mu, at::Tensor& log_sigma, at::Tensor& mix_logits, const at::Tensor& mean,
                            const at::Tensor& var, const at::Tensor& mass, int64_t values_per_channel,
                            double momentum) {
@@ -613,7 +658,8 @@ void moving_average_update(at::Tensor& mu, at::Tensor& log_sigma, at::Tensor& mi
   });
 }
 
-constexpr DevicePasses kCpuPasses{forward_train, forward_eval, backward, moving_average_update};
+constexpr DevicePasses kCpuPasses{forward_train, forward_eval, backward, statistics, statistics_finalize,
+                                   moving_average_update};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma, const at::Tensor& mix_logits,
@@ -642,6 +688,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                        mixture_grads);
 }
 
+at::Tensor statistics_cpu(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma,
+                          const at::Tensor& mix_logits) {
+  return uan::statistics(kCpuPasses, x, mu, log_sigma, mix_logits);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> statistics_finalize_cpu(const at::Tensor& sums, const at::Tensor& mu) {
+  return uan::statistics_finalize(kCpuPasses, sums, mu);
+}
+
 void moving_average_update_cpu(at::Tensor& mu, at::Tensor& log_sigma, at::Tensor& mix_logits, const at::Tensor& mean,
                                const at::Tensor& var, const at::Tensor& mass, int64_t values_per_channel,
                                double momentum) {
@@ -655,6 +710,8 @@ TORCH_LIBRARY_IMPL(uan, CPU, m) {
   m.impl("forward.stats", &forward_stats_cpu);
   m.impl("forward.mixture", &forward_mixture_cpu);
   m.impl("backward", &backward_cpu);
+  m.impl("statistics", &statistics_cpu);
+  m.impl("statistics_finalize", &statistics_finalize_cpu);
   m.impl("moving_average_update_", &moving_average_update_cpu);
 }
 

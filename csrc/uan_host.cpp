@@ -47,10 +47,8 @@ static void check_parameter(const char* op, const char* name, const at::Tensor& 
   TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
-void check_forward_inputs(
-    const char* op, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma,
-    const at::Tensor& mix_logits, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps) {
+void check_mixture_inputs(const char* op, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma,
+                          const at::Tensor& mix_logits) {
   TORCH_CHECK(x.dim() >= 2, op, ": input must have shape (N, C, *S) with at least 2 dims, got ", x.sizes());
   const auto xt = x.scalar_type();
   TORCH_CHECK(xt == at::kFloat || xt == at::kDouble || xt == at::kHalf || xt == at::kBFloat16, op,
@@ -68,6 +66,15 @@ void check_forward_inputs(
   check_parameter(op, "mu", mu, x, pt, {K, C});
   check_parameter(op, "log_sigma", log_sigma, x, pt, {K, C});
   check_parameter(op, "mix_logits", mix_logits, x, pt, {K});
+}
+
+void check_forward_inputs(
+    const char* op, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma,
+    const at::Tensor& mix_logits, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  check_mixture_inputs(op, x, mu, log_sigma, mix_logits);
+  const auto pt = mu.scalar_type();
+  const int64_t C = mu.size(1);
   if (weight.has_value()) {
     check_parameter(op, "weight", *weight, x, pt, {C});
   }
@@ -175,6 +182,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                   mass.has_value() ? statistic(*mass, acc) : at::Tensor(), mixture_grads, grad_input, grad_mu,
                   grad_log_sigma, grad_mix_logits, grad_weight, grad_bias);
   return {grad_input, grad_mu, grad_log_sigma, grad_mix_logits, grad_weight, grad_bias};
+}
+
+at::Tensor statistics(const DevicePasses& passes, const at::Tensor& x, const at::Tensor& mu,
+                      const at::Tensor& log_sigma, const at::Tensor& mix_logits) {
+  check_mixture_inputs("uan::statistics", x, mu, log_sigma, mix_logits);
+  const auto xd = dense_input(x);
+  // The statistics pass reads neither the affine parameters nor eps.
+  const auto p = parameters(mu, log_sigma, mix_logits, std::nullopt, std::nullopt, 0.0);
+  auto sums = at::empty({3, p.K, mu.size(1)}, mu.options().dtype(at::kDouble));
+  passes.statistics(xd, channel_view(xd), p, sums);
+  return sums;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> statistics_finalize(const DevicePasses& passes, const at::Tensor& sums,
+                                                                   const at::Tensor& mu) {
+  const char* op = "uan::statistics_finalize";
+  TORCH_CHECK(mu.dim() == 2, op, ": mu must have shape (K, C), got ", mu.sizes());
+  const int64_t K = mu.size(0);
+  TORCH_CHECK(K >= 1 && K <= kMaxComponents, op, ": 1 to ", kMaxComponents, " components are supported, got K = ",
+              K);
+  const auto dtype = mu.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op, ": mu must be float32 or float64, got ", dtype);
+  TORCH_CHECK(sums.device() == mu.device(), op, ": sums is on ", sums.device(), " but mu is on ", mu.device());
+  TORCH_CHECK(sums.scalar_type() == at::kDouble, op, ": sums must be float64, got ", sums.scalar_type());
+  TORCH_CHECK(sums.sizes() == at::IntArrayRef({3, K, mu.size(1)}), op, ": sums must have shape (3, ", K, ", ",
+              mu.size(1), "), got ", sums.sizes());
+  const auto mu_c = mu.contiguous();
+  auto mean = at::empty_like(mu_c);
+  auto var = at::empty_like(mu_c);
+  auto mass = at::empty_like(mu_c);
+  passes.statistics_finalize(sums.contiguous(), mu_c, mean, var, mass);
+  return {mean, var, mass};
 }
 
 void moving_average_update(const DevicePasses& passes, at::Tensor& mu, at::Tensor& log_sigma,

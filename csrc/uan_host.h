@@ -26,6 +26,9 @@ ChannelView channel_view(const at::Tensor& x);
 // grad_output in the memory layout of x (a copy only when they differ).
 at::Tensor like_input_layout(const at::Tensor& grad_output, const at::Tensor& x);
 
+// Input and mixture parameters of an operator (no affine, no eps).
+void check_mixture_inputs(const char* op, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma,
+                          const at::Tensor& mix_logits);
 void check_forward_inputs(
     const char* op, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma,
     const at::Tensor& mix_logits, const std::optional<at::Tensor>& weight,
@@ -63,6 +66,13 @@ struct DevicePasses {
                    const at::Tensor& mean, const at::Tensor& var, const at::Tensor& mass, bool mixture_grads,
                    at::Tensor& grad_input, at::Tensor& grad_mu, at::Tensor& grad_log_sigma,
                    at::Tensor& grad_mix_logits, at::Tensor& grad_weight, at::Tensor& grad_bias);
+  // The statistics pass's (3, K, C) float64 sums about the component means
+  // mu (the statistics operator); zeros when x has no element.
+  void (*statistics)(const at::Tensor& x, const ChannelView& view, const Parameters& p, at::Tensor& sums);
+  // (K, C) mean, var, mass in mu's dtype (float32 or float64) from (3, K, C)
+  // contiguous sums about mu.
+  void (*statistics_finalize)(const at::Tensor& sums, const at::Tensor& mu, at::Tensor& mean, at::Tensor& var,
+                              at::Tensor& mass);
   // One online EM step of the (contiguous) mixture buffers, in place.
   void (*moving_average_update)(at::Tensor& mu, at::Tensor& log_sigma, at::Tensor& mix_logits,
                                 const at::Tensor& mean, const at::Tensor& var, const at::Tensor& mass,
@@ -90,6 +100,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& log_sigma, const at::Tensor& mix_logits, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& mass, double eps,
     bool mixture_grads);
+
+at::Tensor statistics(const DevicePasses& passes, const at::Tensor& x, const at::Tensor& mu,
+                      const at::Tensor& log_sigma, const at::Tensor& mix_logits);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> statistics_finalize(const DevicePasses& passes, const at::Tensor& sums,
+                                                                   const at::Tensor& mu);
 
 void moving_average_update(const DevicePasses& passes, at::Tensor& mu, at::Tensor& log_sigma,
                            at::Tensor& mix_logits, const at::Tensor& mean, const at::Tensor& var,

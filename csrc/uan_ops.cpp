@@ -34,6 +34,14 @@ TORCH_LIBRARY(uan, m) {
       "Tensor? weight, Tensor mean, Tensor var, Tensor? mass, float eps, bool mixture_grads) -> "
       "(Tensor grad_input, Tensor grad_mu, Tensor grad_log_sigma, Tensor grad_mix_logits, Tensor grad_weight, "
       "Tensor grad_bias)");
+  // Operators per pass, so that a caller can put a collective between them
+  // (SyncUAN). The statistics pass: float64 (3, K, C) sums over the input's
+  // elements of tau_k, tau_k (x - mu_k) and tau_k (x - mu_k)^2, about the
+  // component means mu, which every process knows, so that sums of several
+  // batches add. Zeros for an empty input.
+  m.def("statistics(Tensor input, Tensor mu, Tensor log_sigma, Tensor mix_logits) -> Tensor sums");
+  // (K, C) batch mean, biased variance and mass, in mu's dtype, from such sums.
+  m.def("statistics_finalize(Tensor sums, Tensor mu) -> (Tensor mean, Tensor var, Tensor mass)");
   // update="moving_average": one online EM step of the mixture buffers from a
   // training forward's (K, C) mean, var and mass, in place, in float64 (SPEC).
   m.def(

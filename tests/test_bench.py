@@ -34,7 +34,14 @@ def test_ratios_and_counted_bytes(report):
         if r.implementation == "batchnorm2d":
             assert asdict(r.vs_batchnorm) == dict(median=1.0, q1=1.0, q3=1.0, min=1.0, max=1.0)
         assert r.speedup_vs_compiled_reference is None  # the compiled reference was not measured
-    assert set(report.em_fit_ms) == {"tiny float32, 2 threads", "tiny float32, 1 threads"}
+    assert sorted((r.threads, r.operation) for r in report.em) == sorted(
+        (t, op) for t in (2, 1) for op in bench.EM_OPERATIONS
+    )
+    for r in report.em:
+        assert r.backend == "cpp" and r.rounds == 3 and r.ms.median > 0
+        assert r.vs_uan_statistics.min > 0 and r.vs_uan_forward.min > 0
+        if r.operation == "uan_statistics":
+            assert asdict(r.vs_uan_statistics) == dict(median=1.0, q1=1.0, q3=1.0, min=1.0, max=1.0)
 
 
 def test_saved_for_backward_is_input_plus_small_statistics(report):
@@ -46,6 +53,7 @@ def test_saved_for_backward_is_input_plus_small_statistics(report):
 def test_outputs_written(report, tmp_path):
     table = bench.format_table(report)
     assert "| 1 | (4, 8, 4, 4) | float32 | forward | uan_cpp |" in table
+    assert "| 2 | (4, 8, 4, 4) | float32 | cpp | em_iteration_full |" in table
     bench.plot(report, str(tmp_path / "table.png"))
     assert (tmp_path / "table.png").stat().st_size > 1000
     json.dumps(asdict(report))

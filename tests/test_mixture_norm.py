@@ -282,12 +282,16 @@ def test_subsample_takes_the_same_positions_for_every_channel(channels_last):
     x = 10 * position + torch.arange(c, dtype=torch.float32).reshape(1, c, 1, 1)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    values = mixture_norm._sample_values(x, 40)
+    sample = mixture_norm._em_input(x, 40)
+    assert sample.shape == (1, c, 40) and sample.is_contiguous()
+    values = mixture_norm._channel_values(sample)
     assert values.shape == (c, 40)
     assert torch.equal(values - torch.arange(c).reshape(c, 1), (values[0] // 10 * 10).expand(c, 40))
     assert values.unique().numel() > 3 * 10
-    assert torch.equal(mixture_norm._sample_values(x, 10**6).sort(1).values,
-                       x.transpose(0, 1).reshape(c, -1).sort(1).values)
+    # A batch that fits whole is EM's input as it is (no copy), in either memory format.
+    for num_samples in (10**6, n * h * w, None):
+        assert mixture_norm._em_input(x, num_samples) is x
+    assert torch.equal(mixture_norm._channel_values(x).sort(1).values, x.transpose(0, 1).reshape(c, -1).sort(1).values)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -377,3 +381,143 @@ def test_runs_on_cuda_like_on_cpu():
     assert torch.allclose(out, expected, rtol=1e-4, atol=1e-4)
     m.eval()
     assert torch.isfinite(m(x)).all()
+
+
+# The fused EM (one statistics pass of the backend per iteration) against the plain-PyTorch EM.
+FUSED_BACKENDS = ["cpp", "triton"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+def skip_unless_available(backend, device="cpu"):
+    why = _backends.unavailable_reason(backend, torch.device(device))
+    if why:
+        pytest.skip(why)
+
+
+def plain_sums(values, mean, var, lam):
+    """The E-step's float64 ``(3, K, C)`` sums about ``mean`` in plain PyTorch (what the
+    statistics operators compute): ``sum tau``, ``sum tau (x - mean)``, ``sum tau (x - mean)^2``."""
+    tau = mixture_norm._e_step(values, mean, var, lam)
+    diff = values - mean.unsqueeze(2)
+    return torch.stack([tau.sum(2), (tau * diff).sum(2), (tau * diff.square()).sum(2)])
+
+
+def em_problem(shape=(4, 3, 5, 6), device="cpu"):
+    """Float64 input and a starting mixture that exercise both M-step rules.
+
+    Channel 0 holds three separated clusters; channel 1 only the values 0 and 1
+    (three components on two values: variances collapse to the floor); channel
+    2 is Gaussian and its component 2 starts far from its values (a responsibility
+    mass below _MIN_MASS but not 0: it keeps its mean and variance).
+    """
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x[:, 0] += 6.0 * torch.randint(-1, 2, x[:, 0].shape, generator=g).double()
+    x[:, 1] = torch.randint(0, 2, x[:, 1].shape, generator=g).double()
+    mean = torch.tensor([[-5.0, -0.2, -1.0], [0.5, 0.4, 0.0], [5.0, 1.2, 9.0]], dtype=torch.float64)
+    var = torch.tensor([[2.0, 0.1, 1.0], [1.0, 0.1, 1.0], [2.0, 0.1, 1.0]], dtype=torch.float64)
+    lam = torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64)
+    return tuple(t.to(device) for t in (x, mean, var, lam))
+
+
+def test_m_step_from_sums_is_the_plain_m_step():
+    x, mean, var, lam = em_problem()
+    values = mixture_norm._channel_values(x)
+    floor = 1e-3 * values.var(1, unbiased=False)
+    for _ in range(6):
+        channel_var = mixture_norm._channel_variance_from_sums(plain_sums(values, mean, var, lam), mean,
+                                                               values.shape[1])
+        torch.testing.assert_close(channel_var, values.var(1, unbiased=False), rtol=1e-12, atol=0)
+        tau = mixture_norm._e_step(values, mean, var, lam)
+        expected = mixture_norm._m_step(values, tau, mean, var, floor)
+        min_weight = mixture_norm._MIN_MIXING_WEIGHT * values.numel()
+        got_mean, got_var, weight = mixture_norm._m_step_from_sums(plain_sums(values, mean, var, lam), mean, mean,
+                                                                   var, floor, min_weight)
+        for a, b in zip((got_mean, got_var, weight / weight.sum()), expected):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        mass = tau[2, 2].sum()
+        assert 0 < mass <= mixture_norm._MIN_MASS, mass
+        mean, var, lam = expected
+    assert mean[2, 2] == 9.0 and var[2, 2] == 1.0  # the empty component kept its previous estimates
+    assert (var[:, 1] == floor[1]).any()  # and a component of channel 1 sits on the floor
+
+
+@pytest.mark.parametrize("subsample", [False, True], ids=["full_batch", "subsample"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_em_matches_plain_em_over_iterations(device, backend, subsample):
+    skip_unless_available(backend, device)
+    statistics = _backends.resolve(backend, torch.device(device)).module.statistics
+    x, mean, var, lam = em_problem(device=device)
+    # The subsample is EM's (1, C, n) tensor of sampled positions; the full batch is the input itself.
+    data = mixture_norm._em_input(x, 50) if subsample else x
+    assert data.shape == ((1, 3, 50) if subsample else x.shape)
+    values = mixture_norm._channel_values(data)
+    floor = (1e-3 * values.var(1, unbiased=False)).clamp_min(1e-12)
+    plain = fused = (mean, var, lam)
+    floored = 0
+    for step in range(8):
+        plain = mixture_norm._plain_em(values, *plain, floor, iterations=1)
+        # None: the floor from the channel variances of the E-step's sums, as a warm start does.
+        fused = mixture_norm._fused_em(statistics, data, *fused, floor if step % 2 else None, iterations=1,
+                                       param_dtype=torch.float64)
+        for a, b in zip(fused, plain):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        floored += int((plain[1] == floor).sum())
+    assert fused[0][2, 2] == 9.0 and fused[1][2, 2] == 1.0
+    assert floored > 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("em_samples", [None, 40], ids=["full_batch", "subsample"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_fit_matches_plain_fit_from_seeding_on(device, backend, em_samples, channels_last, monkeypatch):
+    skip_unless_available(backend, device)
+    plain_calls = []
+    plain_em = mixture_norm._plain_em
+    monkeypatch.setattr(mixture_norm, "_plain_em", lambda *a: plain_calls.append(1) or plain_em(*a))
+    kwargs = {"em_iterations": 6, "em_samples": em_samples, "dtype": torch.float64, "device": device}
+    fused = MixtureNorm(3, backend=backend, **kwargs)
+    plain = MixtureNorm(3, backend="reference", **kwargs)
+    x = em_problem(device=device)[0]
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    # Seeding, then a warm start on another batch: the same draws, the same fit.
+    for step, batch in enumerate((x, x.flip(0) * 1.5 + 0.5)):
+        for m in (fused, plain):
+            torch.manual_seed(step)
+            m.fit_mixture(batch)
+        for a, b in zip(mixture(fused), mixture(plain)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert len(plain_calls) == 2  # the reference module's fits only
+
+
+def test_fused_em_in_float32_agrees_with_plain_em():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(2)
+    true_mean = torch.tensor([[-4.0, 1.0], [0.0, 3.0], [5.0, 7.0]], dtype=torch.float64)
+    true_std = torch.tensor([[0.5, 0.6], [1.0, 0.4], [0.8, 0.9]], dtype=torch.float64)
+    x = sample_mixture(3000, true_mean, true_std, torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64), gen).float()
+    fused = make(2, em_iterations=20, em_samples=None)
+    plain = make(2, em_iterations=20, em_samples=None, backend="reference")
+    for m in (fused, plain):
+        torch.manual_seed(0)
+        m.fit_mixture(x)
+    # float32 responsibilities in both; float64 sums and updates in the fused EM only.
+    torch.testing.assert_close(fused.mu, plain.mu, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.log_sigma, plain.log_sigma, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.mix_logits, plain.mix_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_em_samples_none_fits_every_value(monkeypatch):
+    seen = []
+    fused_em = mixture_norm._fused_em
+    monkeypatch.setattr(mixture_norm, "_fused_em", lambda s, data, *a: seen.append(data) or fused_em(s, data, *a))
+    x = torch.randn(64, 3, 8, 8)
+    m = make(3, em_samples=None)
+    m(x)
+    assert seen[0].data_ptr() == x.data_ptr() and seen[0].shape == x.shape and "em_samples=None" in repr(m)
+    m.em_samples = 100
+    m(x)
+    assert seen[1].shape == (1, 3, 100)

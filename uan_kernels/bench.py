@@ -9,7 +9,10 @@ the bytes saved for backward and (on GPU) the peak memory. Implementations
 are measured in paired rounds (:class:`PairedRounds`): every ratio is the
 median of ratios taken within a round, under the same load, with its spread.
 On a CPU the table is measured at the default torch thread count and at one
-thread. MixtureNorm's EM is timed on its own line. Results go to
+thread. MixtureNorm's EM is measured in its own paired rounds per fused
+backend (:func:`measure_em`): one EM iteration against UAN's statistics pass,
+the k-means++ seeding of a first fit, and MixtureNorm's training forward (EM
+every step) against UAN's, on a subsample and on the full batch. Results go to
 ``benchmarks/results/<device>/`` as JSON, markdown and a PNG plot. The
 pytest-benchmark suites in ``benchmarks/`` build their cases with the same
 :func:`make_module` and :class:`PairedRounds`.
@@ -32,7 +35,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from . import MixtureNorm, UAN, available_backends
+from . import MixtureNorm, UAN, _backends, available_backends, mixture_norm
+from .functional import values_per_channel
 
 # Passes over the tensor each pass must make (DESIGN.md): the training forward
 # reads x twice and writes y; the backward reads x and dy twice and writes dx;
@@ -46,7 +50,11 @@ IMPLEMENTATIONS = (
     "uan_reference_compiled",
     "mixturenorm_em1",
     "mixturenorm_em10",
+    "mixturenorm_em1_full",
 )
+# MixtureNorm's implementations: "mixturenorm_em<every>", EM on em_samples=4096
+# values per channel every <every> training steps; "_full": EM on the whole batch.
+_FULL_BATCH_SUFFIX = "_full"
 # Shapes: the paper's Shallow-CNN UAN input and a DenseNet-like one on GPU;
 # scaled-down versions on CPU, where the eager reference is very slow.
 SHAPES = {
@@ -190,8 +198,11 @@ def make_module(name: str, channels: int, components: int, device, dtype=torch.f
         backend = name[len("uan_"):].replace("_compiled", "")
         module = UAN(channels, components, backend=backend, **kwargs)
         return torch.compile(module) if name.endswith("_compiled") else module
-    if name.startswith("mixturenorm_em"):
-        return MixtureNorm(channels, components, em_every=int(name[len("mixturenorm_em"):]), **kwargs)
+    if name in IMPLEMENTATIONS and name.startswith("mixturenorm_em"):
+        every = name[len("mixturenorm_em"):]
+        full = every.endswith(_FULL_BATCH_SUFFIX)
+        return MixtureNorm(channels, components, em_every=int(every[:-len(_FULL_BATCH_SUFFIX)] if full else every),
+                           **({"em_samples": None} if full else {}), **kwargs)
     raise ValueError(f"unknown implementation {name!r}; expected one of {IMPLEMENTATIONS}")
 
 
@@ -261,6 +272,22 @@ class Row:
 
 
 @dataclass
+class EmRow:
+    """One operation of MixtureNorm's EM (or its UAN counterpart) and its paired ratios to UAN's passes."""
+
+    backend: str
+    shape: List[int]
+    dtype: str
+    components: int
+    threads: int
+    rounds: int
+    operation: str
+    ms: Spread
+    vs_uan_statistics: Spread
+    vs_uan_forward: Spread
+
+
+@dataclass
 class Report:
     device: str
     device_type: str
@@ -271,7 +298,7 @@ class Report:
     rounds: int
     thread_counts: List[int]
     rows: List[Row] = field(default_factory=list)
-    em_fit_ms: Dict[str, float] = field(default_factory=dict)
+    em: List[EmRow] = field(default_factory=list)
     skipped: Dict[str, str] = field(default_factory=dict)
 
 
@@ -358,11 +385,97 @@ def _measure_case(report: Report, device: torch.device, case: str, shape: tuple,
                     pass_function(module, pass_name, x, grad_out)()
                     row.peak_memory_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
             report.rows.append(row)
-    em_case = f"{case}, {threads} threads"
-    for name, module in modules.items():
-        if name.startswith("mixturenorm") and em_case not in report.em_fit_ms:
-            report.em_fit_ms[em_case] = 1e3 * median_time(lambda: module.fit_mixture(x.detach()), device,
-                                                          repeats=max(3, rounds // 2))
+    if any(name.startswith("mixturenorm") for name in implementations):
+        for backend in ("cpp", "triton"):
+            if runnable(f"uan_{backend}", device) is None:
+                progress(f"[{case}, {threads} threads] MixtureNorm EM on {backend}: {rounds} paired rounds")
+                report.em.extend(measure_em(device, shape, dtype, components, backend, rounds, threads))
+
+
+# MixtureNorm's EM operations measured by measure_em, in table order.
+EM_OPERATIONS = (
+    "uan_statistics",
+    "uan_forward",
+    "em_iteration_full",
+    "em_iteration_4096",
+    "seeding_full",
+    "seeding_4096",
+    "mixturenorm_forward_full",
+    "mixturenorm_forward_4096",
+)
+EM_SAMPLES = 4096
+
+
+def em_functions(device: torch.device, shape: tuple, dtype: torch.dtype, components: int,
+                 backend: str) -> Dict[str, Callable[[], object]]:
+    """Zero-argument callables of :data:`EM_OPERATIONS` on a random input of ``shape``.
+
+    ``em_iteration_*``: one EM iteration (one statistics pass and the O(K*C)
+    float64 updates) on the full batch or on a subsample of ``EM_SAMPLES``
+    values per channel, from a fitted mixture; ``seeding_*``: the start of a
+    first fit (greedy k-means++ seeds, hard assignment, its statistics);
+    ``mixturenorm_forward_*``: MixtureNorm's training forward with EM (10
+    iterations, warm-started) every step; ``uan_statistics``: UAN's
+    statistics pass alone; ``uan_forward``: UAN's training forward.
+    """
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape, device=device, dtype=dtype, generator=g)
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    kwargs = {"device": device, "dtype": param_dtype}
+    channels = shape[1]
+    uan = UAN(channels, components, backend=backend, **kwargs).train()
+    subsampled = MixtureNorm(channels, components, backend=backend, em_samples=EM_SAMPLES, **kwargs).train()
+    full = MixtureNorm(channels, components, backend=backend, em_samples=None, **kwargs).train()
+    # A fitted mixture, as EM iterates from after its first fit.
+    full.fit_mixture(x)
+    mixture = (full.mu, full.log_sigma, full.mix_logits)
+    statistics = _backends.resolve(backend, device).module.statistics
+    start = (full.mu.double(), torch.exp(2.0 * full.log_sigma.double()), torch.softmax(full.mix_logits.double(), 0))
+    sample = mixture_norm._em_input(x, EM_SAMPLES)
+
+    def no_grad(fn):
+        # As MixtureNorm runs its EM.
+        return torch.no_grad()(fn)
+
+    def em_iteration(data):
+        sums = statistics(data, *mixture)
+        channel_var = mixture_norm._channel_variance_from_sums(sums, full.mu.double(), values_per_channel(data))
+        floor = mixture_norm._variance_floor(channel_var)
+        return no_grad(lambda: mixture_norm._fused_em(statistics, data, *start, floor, 1, param_dtype))
+
+    def seeding(data):
+        def first_fit_start():
+            values = mixture_norm._channel_values(data)
+            channel_var = values.var(1, unbiased=False)
+            return mixture_norm._initial_fit(values, channel_var, mixture_norm._variance_floor(channel_var),
+                                             components)
+        return no_grad(first_fit_start)
+
+    def training_forward(module):
+        return no_grad(lambda: module(x))
+
+    return {
+        "uan_statistics": lambda: statistics(x, *mixture),
+        "uan_forward": training_forward(uan),
+        "em_iteration_full": em_iteration(x),
+        "em_iteration_4096": em_iteration(sample),
+        "seeding_full": seeding(x),
+        "seeding_4096": seeding(sample),
+        "mixturenorm_forward_full": training_forward(full),
+        "mixturenorm_forward_4096": training_forward(subsampled),
+    }
+
+
+def measure_em(device: torch.device, shape: tuple, dtype: torch.dtype, components: int, backend: str,
+               rounds: int, threads: int) -> List[EmRow]:
+    """:func:`em_functions` on ``backend`` in paired rounds, with ratios to UAN's statistics pass and forward."""
+    functions = em_functions(device, shape, dtype, components, backend)
+    paired = PairedRounds(functions, device).run(rounds)
+    return [
+        EmRow(backend, list(shape), str(dtype)[6:], components, threads, rounds, name, paired.seconds(name).scaled(1e3),
+              paired.ratio(name, "uan_statistics"), paired.ratio(name, "uan_forward"))
+        for name in EM_OPERATIONS
+    ]
 
 
 def format_table(report: Report) -> str:
@@ -394,8 +507,24 @@ def format_table(report: Report) -> str:
             f"| {ratio(r.speedup_vs_compiled_reference)} | {fmt(r.saved_for_backward_mb, '.1f')} "
             f"| {fmt(r.peak_memory_mb, '.1f')} |"
         )
-    for where, ms in report.em_fit_ms.items():
-        lines.append(f"\nMixtureNorm EM fit alone ({where}): {ms:.2f} ms per fit, median (the cost UAN avoids).")
+    if report.em:
+        lines += [
+            "",
+            f"MixtureNorm's EM, paired with UAN's statistics pass and training forward ({report.em[0].rounds} rounds "
+            "per case): one EM iteration (a statistics pass and O(K·C) float64 updates) from a fitted mixture, on "
+            f"the full batch or on {EM_SAMPLES} values per channel; the seeding of a first fit (greedy k-means++, "
+            "hard assignment); MixtureNorm's training forward with EM (10 iterations) every step. Ratios are medians "
+            "of per-round ratios [interquartile range].",
+            "",
+            "| threads | shape | dtype | backend | operation | median ms | × UAN statistics pass "
+            "| × UAN training forward |",
+            "|---:|---|---|---|---|---:|---:|---:|",
+        ]
+        for r in report.em:
+            lines.append(
+                f"| {r.threads} | {tuple(r.shape)} | {r.dtype} | {r.backend} | {r.operation} | {r.ms.median:.3f} "
+                f"| {ratio(r.vs_uan_statistics)} | {ratio(r.vs_uan_forward)} |"
+            )
     for name, why in report.skipped.items():
         lines.append(f"\nNot measured: {name}: {why}.")
     return "\n".join(lines)

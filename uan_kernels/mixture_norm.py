@@ -3,22 +3,35 @@
 SPEC, "Mixture Normalization baseline": each channel is a univariate Gaussian
 mixture whose means and scales are per channel and whose mixing weights are
 shared by all channels. The mixture is not learned by gradient: it is fitted by
-EM on a random subsample of the current batch (k-means++ seeding the first time,
-warm-started from the previous fit afterwards), and the batch is then
-normalised exactly as UAN's training forward does with those parameters.
+EM on a random subsample of the current batch, or on all of it (k-means++
+seeding the first time, warm-started from the previous fit afterwards), and the
+batch is then normalised exactly as UAN's training forward does with those
+parameters.
+
+An EM iteration needs, per (k, c), the responsibility mass and the
+responsibility-weighted sum and sum of squares: exactly the sums of UAN's
+fused statistics pass for the current mixture. On the fused backends each
+iteration is therefore one statistics pass over the EM's values plus O(K*C)
+float64 updates (:func:`_fused_em`); the plain-PyTorch EM (:func:`_plain_em`,
+over ``(K, C, n)`` temporaries) is the definition it is tested against and
+the EM of the reference backend.
 """
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from . import _backends
+from . import _backends, reference
 from .functional import check_config, check_inputs, uan, values_per_channel
 from .modules import _check_positive_int
 from .reference import compute_dtype
+
+# A backend's fused statistics pass: (input, mu, log_sigma, mix_logits) -> float64
+# (3, K, C) sums of tau, tau (x - mu) and tau (x - mu)^2 (uan_kernels.ops.statistics).
+StatisticsPass = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 # A component's variance is floored at this fraction of its channel's variance
 # (scale-free), and at _MIN_VARIANCE for constant channels, so EM cannot
@@ -32,22 +45,43 @@ _MIN_MIXING_WEIGHT = 1e-8
 _MIN_MASS = 1e-6
 
 
-def _sample_values(x: Tensor, num_samples: int) -> Tensor:
-    """``(C, n)`` values of ``x`` in the EM compute dtype.
+def _em_input(x: Tensor, num_samples: Optional[int]) -> Tensor:
+    """The values EM fits, as an ``(N, C, *S)`` input of the statistics pass.
 
-    All values when a channel has at most ``num_samples``; otherwise
-    ``num_samples`` positions drawn uniformly with replacement (O(n) memory,
-    unlike a permutation of all positions), the same positions for every channel.
+    ``x`` itself when ``num_samples`` is None or a channel has at most
+    ``num_samples`` values; otherwise a contiguous ``(1, C, num_samples)``
+    tensor of positions drawn uniformly with replacement (O(n) memory, unlike a
+    permutation of all positions), the same positions for every channel. Each
+    channel's sample is contiguous: the statistics pass runs along it at the
+    per-element speed of a full batch (it is slower across channels-inner rows).
     """
+    if num_samples is None or values_per_channel(x) <= num_samples:
+        return x
     channels = x.shape[1]
-    dtype = compute_dtype(x.dtype)
-    if values_per_channel(x) <= num_samples:
-        return x.transpose(0, 1).reshape(channels, -1).to(dtype)
-    # (N, C, P); a view for contiguous and channels_last inputs.
-    x3 = x.flatten(2) if x.dim() > 2 else x.unsqueeze(2)
+    x3 = x.reshape(x.shape[0], channels, -1)  # (N, C, P): a view for contiguous and channels_last inputs
     positions = x3.shape[2]
-    flat = torch.randint(x3.shape[0] * positions, (num_samples,), device=x.device)
-    return x3[flat // positions, :, flat % positions].t().to(dtype)
+    # In increasing order, so that the gather walks each channel's plane forward.
+    flat = torch.randint(x3.shape[0] * positions, (num_samples,), device=x.device).sort().values
+    batch, position = flat // positions, flat % positions
+    if x3.is_contiguous():
+        # One gather of (C, n) offsets into the flat input (cheaper than indexing on CPU),
+        # int32 when they fit: half the index bytes to write and read.
+        index_dtype = torch.int32 if x.numel() < 2**31 else torch.int64
+        first = (batch * (channels * positions) + position).to(index_dtype)
+        offsets = first + torch.arange(0, channels * positions, positions, device=x.device,
+                                       dtype=index_dtype).unsqueeze(1)
+        return x3.view(-1).index_select(0, offsets.view(-1)).view(1, channels, num_samples)
+    return x3[batch, :, position].t().contiguous().unsqueeze(0)
+
+
+def _variance_floor(channel_var: Tensor) -> Tensor:
+    """Per-channel floor of the components' variances, from the channel variances."""
+    return (_REL_VARIANCE_FLOOR * channel_var).clamp_min(_MIN_VARIANCE)
+
+
+def _channel_values(data: Tensor) -> Tensor:
+    """``(C, n)`` values of an EM input in the EM compute dtype (a view of a ``(1, C, n)`` sample)."""
+    return data.transpose(0, 1).reshape(data.shape[1], -1).to(compute_dtype(data.dtype))
 
 
 def _kmeans_pp(values: Tensor, num_components: int) -> Tensor:
@@ -75,6 +109,25 @@ def _kmeans_pp(values: Tensor, num_components: int) -> Tensor:
         seeds.append(candidates.gather(1, best))
         dist2 = candidate_dist2.gather(1, best.unsqueeze(2).expand(channels, 1, n)).squeeze(1)
     return torch.cat(seeds, 1).t()
+
+
+def _initial_fit(values: Tensor, channel_var: Tensor, var_floor: Tensor,
+                 num_components: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Starting point of a first fit: ``(mean, var, lam)`` of the hard nearest-seed
+    assignment of ``(C, n)`` values to greedy k-means++ seeds.
+
+    Seeds come in a random order per channel, but the mixing weights are shared:
+    components are labelled by the size of their cluster, largest first, in every
+    channel. An empty cluster (duplicate seeds) falls back to its seed and the
+    channel variance.
+    """
+    seeds = _kmeans_pp(values, num_components)
+    nearest = (values - seeds.unsqueeze(2)).square().argmin(0)
+    hard = (nearest == torch.arange(num_components, device=values.device)[:, None, None]).to(values.dtype)
+    order = torch.argsort(hard.sum(2), dim=0, descending=True, stable=True)
+    seeds = seeds.gather(0, order)
+    hard = hard.gather(0, order.unsqueeze(2).expand_as(hard))
+    return _m_step(values, hard, seeds, channel_var.expand_as(seeds), var_floor)
 
 
 def _m_step(
@@ -105,6 +158,78 @@ def _e_step(values: Tensor, mean: Tensor, var: Tensor, lam: Tensor) -> Tensor:
     return torch.softmax(logits, dim=0)
 
 
+def _plain_em(values: Tensor, mean: Tensor, var: Tensor, lam: Tensor, var_floor: Tensor,
+              iterations: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """``iterations`` EM iterations in plain PyTorch on ``(C, n)`` values: the definition
+    the fused EM is tested against, and the EM of the reference backend."""
+    for _ in range(iterations):
+        tau = _e_step(values, mean, var, lam)
+        mean, var, lam = _m_step(values, tau, mean, var, var_floor)
+    return mean, var, lam
+
+
+def _channel_variance_from_sums(sums: Tensor, pivot: Tensor, count: int) -> Tensor:
+    """Biased variance ``(C,)`` of each channel's ``count`` values from an E-step's
+    ``(3, K, C)`` sums about ``pivot`` (any mixture: ``sum_k tau_k = 1`` for every value).
+
+    About the channel mean ``m``: ``sum_k [T2_k + 2 (p_k - m) T1_k + (p_k - m)^2 S_k]``,
+    each component's term being ``sum tau_k (x - m)^2 >= 0``.
+    """
+    mass, shifted_sum, shifted_square_sum = sums.unbind(0)
+    offset = pivot - (torch.addcmul(shifted_sum, mass, pivot).sum(0) / count)
+    return torch.addcmul(shifted_square_sum, offset, torch.addcmul(2.0 * shifted_sum, offset, mass)).sum(0) / count
+
+
+def _m_step_from_sums(sums: Tensor, pivot: Tensor, prev_mean: Tensor, prev_var: Tensor, var_floor: Tensor,
+                      min_weight: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`_m_step` from the E-step's float64 ``(3, K, C)`` sums about ``pivot``.
+
+    ``sums`` holds ``sum tau``, ``sum tau (x - pivot)`` and ``sum tau (x - pivot)^2``
+    per (k, c). The same rules as the plain M-step, on ``(K, C)`` tensors: a
+    component with at most ``_MIN_MASS`` keeps its previous mean and variance,
+    variances are floored, mixing weights are pooled over channels. Returns
+    ``(mean, var, weight)`` with ``weight_k = max(sum_c mass_kc, min_weight)``:
+    the plain M-step's ``lam`` times the number of values (``min_weight`` is
+    ``_MIN_MIXING_WEIGHT`` times it), not normalised, as ``softmax(log(weight))``
+    is ``lam``. Few tensor ops: each costs microseconds whatever its size.
+    """
+    mass, shifted_sum, shifted_square_sum = sums.unbind(0)
+    alive = mass > _MIN_MASS
+    denom = mass.clamp_min(_MIN_MASS)
+    shift = shifted_sum / denom
+    # sum tau (x - m)^2 / S with m = pivot + shift, from the sums about the pivot.
+    var = torch.addcmul(shifted_square_sum / denom, shift, shift, value=-1.0)
+    mean = torch.where(alive, shift.add_(pivot), prev_mean)
+    var = torch.maximum(torch.where(alive, var, prev_var), var_floor)
+    return mean, var, mass.sum(1).clamp_min_(min_weight)
+
+
+def _fused_em(statistics: StatisticsPass, data: Tensor, mean: Tensor, var: Tensor, lam: Tensor,
+              var_floor: Optional[Tensor], iterations: int,
+              param_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """``iterations`` EM iterations, each one statistics pass over ``data`` (the E-step and
+    the sums of the M-step) and O(K*C) float64 updates; returns float64 ``(mean, var, lam)``.
+
+    ``statistics(data, mu, log_sigma, mix_logits)`` is a backend's fused pass, called
+    with the mixture in ``param_dtype``; its sums are about that ``mu``. A
+    ``var_floor`` of None is taken from the channel variances that the first
+    E-step's sums give (:func:`_channel_variance_from_sums`), with no pass of its own.
+    """
+    mean, var, weight = (t.to(torch.float64) for t in (mean, var, lam))
+    var_floor = None if var_floor is None else var_floor.to(torch.float64)
+    count = values_per_channel(data)
+    min_weight = _MIN_MIXING_WEIGHT * count * data.shape[1]
+    for _ in range(iterations):
+        mu = mean.to(param_dtype)
+        log_sigma = torch.log(var).mul_(0.5).to(param_dtype)
+        sums = statistics(data, mu, log_sigma, torch.log(weight).to(param_dtype))
+        pivot = mu.to(torch.float64)
+        if var_floor is None:
+            var_floor = _variance_floor(_channel_variance_from_sums(sums, pivot, count))
+        mean, var, weight = _m_step_from_sums(sums, pivot, mean, var, var_floor, min_weight)
+    return mean, var, weight / weight.sum()
+
+
 class MixtureNorm(nn.Module):
     r"""Mixture Normalization (Kalayeh & Shah), the EM-fitted baseline of UAN.
 
@@ -112,12 +237,12 @@ class MixtureNorm(nn.Module):
     means ``mu[k, c]``, scales ``exp(log_sigma[k, c])`` and mixing weights
     ``softmax(mix_logits)[k]`` shared by all channels. In training, every
     ``em_every`` steps (the first included) the mixture is refitted by EM on a
-    subsample of the detached batch; then the batch is normalised with the
-    responsibility-weighted batch statistics of each component (SPEC's training
-    forward) and ``running_mean``/``running_var`` follow those statistics by
-    momentum. Eval normalises with the running statistics. The mixture is held
-    in buffers: no gradient flows through it, while ``x``, ``weight`` and
-    ``bias`` get exact gradients.
+    subsample of the detached batch (or on all of it); then the batch is
+    normalised with the responsibility-weighted batch statistics of each
+    component (SPEC's training forward) and ``running_mean``/``running_var``
+    follow those statistics by momentum. Eval normalises with the running
+    statistics. The mixture is held in buffers: no gradient flows through it,
+    while ``x``, ``weight`` and ``bias`` get exact gradients.
 
     EM (per channel, vectorised over channels, no gradient): the first fit seeds
     the K means by greedy k-means++, labels the components of every channel by the
@@ -125,8 +250,12 @@ class MixtureNorm(nn.Module):
     has a similar share in every channel, as the shared weights assume),
     initialises means, variances and weights from that hard assignment, then
     runs ``em_iterations`` EM iterations; later fits start from the current
-    buffers. Variances are floored at ``1e-3`` times the channel's sample
-    variance.
+    buffers. Variances are floored at ``1e-3`` times the channel's variance
+    over the values EM fits; a component with no responsibility mass keeps its
+    previous mean and variance. On the fused backends an EM iteration is one
+    pass of the backend's statistics operator over the values EM fits (the
+    batch itself when it fits whole: no copy) and O(K*C) float64 updates; on
+    the reference backend it is plain PyTorch over ``(K, C, n)`` temporaries.
 
     Args:
         num_features: ``C`` of an ``(N, C, *S)`` input.
@@ -138,17 +267,19 @@ class MixtureNorm(nn.Module):
         em_iterations: EM iterations per fit.
         em_samples: values per channel the EM fits (drawn at random with
             replacement, the same positions for all channels; all values when
-            a channel has fewer).
+            a channel has fewer). ``None``: every value of the batch.
         backend: normalisation backend, as for :class:`uan_kernels.UAN`
-            (``"auto"``, ``"cpp"``, ``"triton"``, ``"reference"``). EM itself
-            is plain PyTorch on the input's device.
+            (``"auto"``, ``"cpp"``, ``"triton"``, ``"reference"``); EM runs on
+            the same backend's statistics pass (plain PyTorch for
+            ``"reference"``).
 
     The random subsample and k-means++ seeds use PyTorch's global generator of
     the input's device (seed it with ``torch.manual_seed``).
 
     Shape: input ``(N, C, *S)`` with any number of trailing dims; output the
-    same shape, dtype and memory format. EM computes in float32 (float64 for
-    float64 input).
+    same shape, dtype and memory format. Responsibilities are computed in
+    float32 (float64 for float64 input); the fused EM accumulates its sums and
+    updates the mixture in float64.
     """
 
     def __init__(
@@ -161,7 +292,7 @@ class MixtureNorm(nn.Module):
         affine: bool = True,
         em_every: int = 1,
         em_iterations: int = 10,
-        em_samples: int = 4096,
+        em_samples: Optional[int] = 4096,
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -171,7 +302,8 @@ class MixtureNorm(nn.Module):
         _check_positive_int("num_components", num_components)
         _check_positive_int("em_every", em_every)
         _check_positive_int("em_iterations", em_iterations)
-        _check_positive_int("em_samples", em_samples)
+        if em_samples is not None:
+            _check_positive_int("em_samples", em_samples)
         check_config(eps, momentum, "weight")
         if not isinstance(affine, bool):
             raise ValueError(f"affine must be a bool, got {affine!r}")
@@ -237,31 +369,39 @@ class MixtureNorm(nn.Module):
 
     @torch.no_grad()
     def _fit(self, input: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """EM fit on a subsample of ``input``; returns new ``(mu, log_sigma, mix_logits)``
+        """EM fit on ``input`` (or its subsample); returns new ``(mu, log_sigma, mix_logits)``
         in the buffers' dtype without storing them."""
-        values = _sample_values(input.detach(), self.em_samples)
-        var_floor = (_REL_VARIANCE_FLOOR * values.var(1, unbiased=False)).clamp_min(_MIN_VARIANCE)
-        if bool(self.fitted):
-            mean = self.mu.to(values.dtype)
-            var = torch.exp(2.0 * self.log_sigma.to(values.dtype)).clamp_min(var_floor)
-            lam = torch.softmax(self.mix_logits.to(values.dtype), dim=0)
+        fitted = bool(self.fitted)
+        data = _em_input(input.detach(), self.em_samples)
+        statistics = self._statistics_pass(data.device)
+        # (C, n) values for the plain EM and k-means++ seeding; the fused EM of a
+        # warm start takes the channel variances from its first E-step's sums instead.
+        values = None if statistics is not None and fitted else _channel_values(data)
+        channel_var = None if values is None else values.var(1, unbiased=False)
+        var_floor = None if channel_var is None else _variance_floor(channel_var)
+        if fitted:
+            # From the buffers as they are: the variance floor applies in each M-step.
+            dtype = compute_dtype(data.dtype)
+            mean = self.mu.to(dtype)
+            var = torch.exp(2.0 * self.log_sigma.to(dtype))
+            lam = torch.softmax(self.mix_logits.to(dtype), dim=0)
         else:
-            seeds = _kmeans_pp(values, self.num_components)
-            nearest = (values - seeds.unsqueeze(2)).square().argmin(0)
-            hard = (nearest == torch.arange(self.num_components, device=values.device)[:, None, None])
-            hard = hard.to(values.dtype)
-            # Seeds come in a random order per channel, but the mixing weights are
-            # shared: label components by cluster size, largest first, in every channel.
-            order = torch.argsort(hard.sum(2), dim=0, descending=True, stable=True)
-            seeds = seeds.gather(0, order)
-            hard = hard.gather(0, order.unsqueeze(2).expand_as(hard))
-            # An empty seed cluster (duplicate seeds) falls back to the seed and the channel variance.
-            mean, var, lam = _m_step(values, hard, seeds, values.var(1, unbiased=False).expand_as(seeds), var_floor)
-        for _ in range(self.em_iterations):
-            tau = _e_step(values, mean, var, lam)
-            mean, var, lam = _m_step(values, tau, mean, var, var_floor)
+            mean, var, lam = _initial_fit(values, channel_var, var_floor, self.num_components)
+        if statistics is None:
+            mean, var, lam = _plain_em(values, mean, var, lam, var_floor, self.em_iterations)
+        else:
+            mean, var, lam = _fused_em(statistics, data, mean, var, lam, var_floor, self.em_iterations,
+                                       self.mu.dtype)
         dtype = self.mu.dtype
         return mean.to(dtype), (0.5 * torch.log(var)).to(dtype), torch.log(lam).to(dtype)
+
+    def _statistics_pass(self, device: torch.device) -> Optional[StatisticsPass]:
+        """The fused statistics pass of the backend that normalises on ``device``
+        (as :func:`uan_kernels.functional.uan` resolves it); None for the reference
+        backend, whose EM is plain PyTorch."""
+        name = "reference" if self.num_components > _backends.MAX_FUSED_COMPONENTS else self.backend
+        backend = _backends.resolve(name, device)
+        return None if backend.module is reference else backend.module.statistics
 
     @torch.no_grad()
     def _store(self, mu: Tensor, log_sigma: Tensor, mix_logits: Tensor) -> None:

@@ -11,6 +11,9 @@ defines the schemas and the CPU (and, when built with CUDA, CUDA) kernels:
   -> (grad_input, grad_mu, grad_log_sigma, grad_mix_logits, grad_weight, grad_bias)``
 * ``uan::moving_average_update_(mu!, log_sigma!, mix_logits!, mean, var, mass, values_per_channel, momentum)``:
   one online EM step of the mixture buffers (update="moving_average"), in place
+* ``uan::statistics(input, mu, log_sigma, mix_logits) -> sums`` and
+  ``uan::statistics_finalize(sums, mu) -> (mean, var, mass)``: the training forward's statistics pass and
+  its finalize step as separate operators (see :func:`statistics`)
 """
 from __future__ import annotations
 
@@ -76,6 +79,16 @@ def _backward_fake(grad_output, input, mu, log_sigma, mix_logits, weight, mean, 
         mu.new_empty((channels,)),
         mu.new_empty((channels,)),
     )
+
+
+@torch.library.register_fake("uan::statistics")
+def _statistics_fake(input, mu, log_sigma, mix_logits):
+    return input.new_empty((3, *mu.shape), dtype=torch.float64)
+
+
+@torch.library.register_fake("uan::statistics_finalize")
+def _statistics_finalize_fake(sums, mu):
+    return tuple(torch.empty_like(mu, memory_format=torch.contiguous_format) for _ in range(3))
 
 
 @torch.library.register_fake("uan::moving_average_update_")
@@ -197,3 +210,34 @@ def eval_forward(input, mu, log_sigma, mix_logits, mean, var, weight=None, bias=
 def eval_mixture_forward(input, mu, log_sigma, mix_logits, weight=None, bias=None, eps=1e-5):
     """Eval forward of update="moving_average" through ``torch.ops.uan.forward.mixture``."""
     return _MixtureForward.apply(input, mu, log_sigma, mix_logits, weight, bias, eps)
+
+
+def statistics(input: Tensor, mu: Tensor, log_sigma: Tensor, mix_logits: Tensor) -> Tensor:
+    """The training forward's statistics pass alone (``torch.ops.uan.statistics``).
+
+    Returns float64 sums of shape ``(3, K, C)`` over the elements ``x_i`` of each
+    channel ``c``, with ``tau`` computed as the training forward does::
+
+        sums[0, k, c] = sum_i tau_ik
+        sums[1, k, c] = sum_i tau_ik (x_i - mu[k, c])
+        sums[2, k, c] = sum_i tau_ik (x_i - mu[k, c])**2
+
+    They are taken about ``mu``, which every process knows, so that the sums of
+    several batches (or of the ranks of a process group) add: put a collective
+    between this and :func:`statistics_finalize`. The kernels accumulate about a
+    value of each channel and move their float64 totals to ``mu`` at the end,
+    so accuracy is that of the training forward. Zeros for an empty input.
+    Not differentiable (compose it in an ``autograd.Function``, as
+    :class:`uan_kernels.SyncUAN` does).
+    """
+    return torch.ops.uan.statistics(input, mu, log_sigma, mix_logits)
+
+
+def statistics_finalize(sums: Tensor, mu: Tensor) -> tuple:
+    """``(mean, var, mass)``, each ``(K, C)`` in ``mu``'s dtype, from :func:`statistics`' sums (``uan::statistics_finalize``).
+
+    ``mass = S``, ``mean = (mu S + T1) / (S + 1e-12)`` (= ``sum tau x / (S + 1e-12)``),
+    ``var = max(0, (T2 - 2 (mean - mu) T1 + (mean - mu)**2 S) / (S + 1e-12))``,
+    computed in float64: the batch statistics of the training forward (SPEC).
+    """
+    return torch.ops.uan.statistics_finalize(sums, mu)

@@ -484,6 +484,44 @@ __global__ void __launch_bounds__(kThreads) finalize_statistics(
   }
 }
 
+// The statistics pass's (3, K, C) sums about the component means mu (the
+// statistics operator) from its partials about each channel's pivot.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) finalize_statistics_sums(
+    const double* partials, int64_t slices, const scalar_t* x, int64_t stride_c, bool has_elements,
+    const at::opmath_type<scalar_t>* mu, int K, int64_t C, double* sums) {
+  __shared__ double channel_sums[kWarpsPerBlock][kMaxFinalizeQuantities];
+  const int warp = threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  if (c >= C) {
+    return;
+  }
+  sum_channel_slices(partials, 3 * K, C, c, slices, channel_sums[warp]);
+  if (lane < K) {
+    const int64_t plane = static_cast<int64_t>(K) * C;
+    const int64_t i = lane * C + c;
+    const double S = channel_sums[warp][lane];
+    double T1 = channel_sums[warp][K + lane];
+    double T2 = channel_sums[warp][2 * K + lane];
+    repivot_sums(S, T1, T2, input_pivot(x, stride_c, has_elements, c) - static_cast<double>(mu[i]));
+    sums[i] = S;
+    sums[plane + i] = T1;
+    sums[2 * plane + i] = T2;
+  }
+}
+
+// (K, C) mean, var and mass from (3, K, C) sums about mu: a thread per (k, c).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) statistics_from_sums_kernel(const double* sums, const T* mu,
+                                                                        int64_t plane, T* mean, T* var, T* mass) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < plane; i += stride) {
+    statistics_from_sums(sums[i], sums[plane + i], sums[2 * plane + i], static_cast<double>(mu[i]), mean[i], var[i],
+                         mass[i]);
+  }
+}
+
 // Arguments of finalize_backward; mass null means given statistics.
 template <typename acc_t>
 struct FinalizeBackwardArgs {
@@ -870,6 +908,39 @@ void backward(const at::Tensor& grad_out, const at::Tensor& x, const ChannelView
   });
 }
 
+// Launches: statistics pass, finalize_statistics_sums.
+void statistics(const at::Tensor& x, const ChannelView& view, const Parameters& p, at::Tensor& sums) {
+  if (view.C == 0) {
+    return;
+  }
+  const int K = static_cast<int>(p.K);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uan_statistics_cuda", [&] {
+    auto a = pass_args<scalar_t>(x, view, p);
+    a.accumulate = true;
+    const Partials partials = run_pass<Statistics>(a, view, K, x.options(), {a.x});
+    finalize_statistics_sums<scalar_t><<<channel_blocks(view.C), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        partials.data(), partials.slices, a.x, view.stride_c, view.N * view.L > 0, a.mu, K, view.C,
+        sums.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// One launch.
+void statistics_finalize(const at::Tensor& sums, const at::Tensor& mu, at::Tensor& mean, at::Tensor& var,
+                         at::Tensor& mass) {
+  const int64_t plane = mu.numel();
+  if (plane == 0) {
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "uan_statistics_finalize_cuda", [&] {
+    statistics_from_sums_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(plane, kThreads)), kThreads, 0,
+                                            c10::cuda::getCurrentCUDAStream()>>>(
+        sums.const_data_ptr<double>(), mu.const_data_ptr<scalar_t>(), plane, mean.mutable_data_ptr<scalar_t>(),
+        var.mutable_data_ptr<scalar_t>(), mass.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 // One launch.
 void moving_average_update(at::Tensor& mu, at::Tensor& log_sigma, at::Tensor& mix_logits, const at::Tensor& mean,
                            const at::Tensor& var, const at::Tensor& mass, int64_t values_per_channel,
@@ -883,7 +954,8 @@ void moving_average_update(at::Tensor& mu, at::Tensor& log_sigma, at::Tensor& mi
   });
 }
 
-constexpr DevicePasses kCudaPasses{forward_train, forward_eval, backward, moving_average_update};
+constexpr DevicePasses kCudaPasses{forward_train, forward_eval, backward, statistics, statistics_finalize,
+                                    moving_average_update};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma, const at::Tensor& mix_logits,
@@ -916,6 +988,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                        mixture_grads);
 }
 
+at::Tensor statistics_cuda(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma,
+                           const at::Tensor& mix_logits) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return uan::statistics(kCudaPasses, x, mu, log_sigma, mix_logits);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> statistics_finalize_cuda(const at::Tensor& sums,
+                                                                        const at::Tensor& mu) {
+  const c10::cuda::CUDAGuard guard(mu.device());
+  return uan::statistics_finalize(kCudaPasses, sums, mu);
+}
+
 void moving_average_update_cuda(at::Tensor& mu, at::Tensor& log_sigma, at::Tensor& mix_logits,
                                 const at::Tensor& mean, const at::Tensor& var, const at::Tensor& mass,
                                 int64_t values_per_channel, double momentum) {
@@ -930,6 +1014,8 @@ TORCH_LIBRARY_IMPL(uan, CUDA, m) {
   m.impl("forward.stats", &forward_stats_cuda);
   m.impl("forward.mixture", &forward_mixture_cuda);
   m.impl("backward", &backward_cuda);
+  m.impl("statistics", &statistics_cuda);
+  m.impl("statistics_finalize", &statistics_finalize_cuda);
   m.impl("moving_average_update_", &moving_average_update_cuda);
 }
 

@@ -240,6 +240,62 @@ def _stats_finalize_kernel(
         _store_row(var_ptr, k, c, C, (m2 + mass * gap * gap) / denominator)
 
 
+@triton.jit(do_not_specialize=["num_partials"])
+def _stats_sums_kernel(
+    partials_ptr, x_ptr, mu_ptr, sums_ptr,
+    num_partials, C, x_sc,
+    K: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """The statistics pass's sums about the component means, ``(3, K, C)`` float64 (``uan::triton_statistics``).
+
+    The programs' partials (about each channel's pivot ``p``) are added in
+    float64 in a fixed order, then moved to the pivot ``mu`` that every process
+    knows, so that sums of several batches add:
+    ``T1' = T1 + (p - mu) S``, ``T2' = T2 + 2 (p - mu) T1 + (p - mu)**2 S``.
+    """
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pivot = _channel_pivot(x_ptr, c.to(tl.int64) * x_sc, c < C, ACC).to(tl.float64)
+    for k in tl.static_range(K):
+        mass = tl.zeros([BLOCK_C], tl.float64)
+        first = tl.zeros([BLOCK_C], tl.float64)
+        second = tl.zeros([BLOCK_C], tl.float64)
+        row = partials_ptr  # advanced by pointer increments: 64-bit, however many partials
+        for _ in range(num_partials):
+            mass += _load_row(row, k, c, C, 0.0, tl.float64)
+            first += _load_row(row + K * C, k, c, C, 0.0, tl.float64)
+            second += _load_row(row + 2 * K * C, k, c, C, 0.0, tl.float64)
+            row += 3 * K * C
+        offset = pivot - _load_row(mu_ptr, k, c, C, 0.0, tl.float64)
+        second += offset * (2.0 * first + offset * mass)
+        first += offset * mass
+        _store_row(sums_ptr, k, c, C, mass)
+        _store_row(sums_ptr + K * C, k, c, C, first)
+        _store_row(sums_ptr + 2 * K * C, k, c, C, second)
+
+
+@triton.jit
+def _statistics_from_sums_kernel(sums_ptr, mu_ptr, mean_ptr, var_ptr, mass_ptr, plane, BLOCK: tl.constexpr):
+    """``(K, C)`` mean, var and mass from ``(3, K, C)`` float64 sums about ``mu``, in float64 (SPEC's statistics).
+
+    ``mean = (mu S + T1) / (S + 1e-12)`` (``sum tau x / (S + 1e-12)``, so an empty component's mean is 0 as
+    in the training forward), ``var = (T2 - 2 (mean - mu) T1 + (mean - mu)**2 S) / (S + 1e-12)``, as
+    ``statistics_from_sums`` of csrc/uan_constants.h.
+    """
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < plane
+    mass = tl.load(sums_ptr + i, mask=ok, other=0.0)
+    first = tl.load(sums_ptr + plane + i, mask=ok, other=0.0)
+    second = tl.load(sums_ptr + 2 * plane + i, mask=ok, other=0.0)
+    pivot = tl.load(mu_ptr + i, mask=ok, other=0.0).to(tl.float64)
+    denominator = mass + _MASS_EPS
+    mean = (pivot * mass + first) / denominator
+    offset = mean - pivot
+    var = tl.maximum((second - 2.0 * offset * first + offset * offset * mass) / denominator, 0.0)
+    tl.store(mean_ptr + i, mean.to(mean_ptr.dtype.element_ty), mask=ok)
+    tl.store(var_ptr + i, var.to(var_ptr.dtype.element_ty), mask=ok)
+    tl.store(mass_ptr + i, mass.to(mass_ptr.dtype.element_ty), mask=ok)
+
+
 @triton.jit(do_not_specialize=_BATCH_DEPENDENT_ARGS)
 def _normalize_kernel(
     x_ptr, out_ptr, mu_ptr, log_sigma_ptr, mix_logits_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr,

@@ -20,6 +20,8 @@ from .geometry import cdiv
 
 # Channels per program of the finalize kernels (O(K*C) work each).
 _FINALIZE_BLOCK_C = 128
+# (k, c) pairs per program of the elementwise O(K*C) kernels.
+_FINALIZE_BLOCK = 1024
 
 
 def _triton_dtype(dtype: torch.dtype):
@@ -101,6 +103,19 @@ def _launch_normalize(x3, out3, mu, log_sigma, mix_logits, mean, var, weight, bi
     )
 
 
+def _launch_stats_partials(x3, mu, log_sigma, mix_logits, tiles, acc) -> Tensor:
+    """The statistics pass: per program, sums about each channel's pivot, ``(programs, 3, K, C)``."""
+    K, C = mu.shape
+    N, _, L = x3.shape
+    partials = torch.empty((tiles.programs, 3, K, C), dtype=acc, device=x3.device)
+    kernels._stats_partials_kernel[tiles.grid](
+        x3, mu, log_sigma, mix_logits, partials,
+        N, C, L, *x3.stride(), *tiles.kernel_args(),
+        K=K, ACC=_triton_dtype(acc), **tiles.kernel_meta(),
+    )
+    return partials
+
+
 def launch_train_forward(x, mu, log_sigma, mix_logits, weight, bias, eps):
     """Statistics pass, its finalize kernel, normalise pass: three launches."""
     _check_launch(x, mu)
@@ -115,15 +130,9 @@ def launch_train_forward(x, mu, log_sigma, mix_logits, weight, bias, eps):
     x3 = _input_ncl(x)
     out3, scratch = _output_ncl(out)
     tiles = geometry.tile_geometry(x3, K)
-    N, _, L = x3.shape
-    partials = torch.empty((tiles.programs, 3, K, C), dtype=acc, device=x.device)
     finalize_grid, finalize_block = _finalize_grid(C)
     with _on_device(x):
-        kernels._stats_partials_kernel[tiles.grid](
-            x3, mu, log_sigma, mix_logits, partials,
-            N, C, L, *x3.stride(), *tiles.kernel_args(),
-            K=K, ACC=_triton_dtype(acc), **tiles.kernel_meta(),
-        )
+        partials = _launch_stats_partials(x3, mu, log_sigma, mix_logits, tiles, acc)
         kernels._stats_finalize_kernel[finalize_grid](
             partials, x3, mean, var, mass, tiles.programs, C, x3.stride(1),
             K=K, BLOCK_C=finalize_block, ACC=_triton_dtype(acc),
@@ -132,6 +141,52 @@ def launch_train_forward(x, mu, log_sigma, mix_logits, weight, bias, eps):
     if scratch:
         out.copy_(out3.view(out.shape))
     return out, mean, var, mass
+
+
+def launch_statistics(x, mu, log_sigma, mix_logits):
+    """The statistics pass and its float64 sums about ``mu``, ``(3, K, C)``: two launches (none when empty)."""
+    _check_launch(x, mu)
+    acc = compute_dtype(x.dtype)
+    K, C = mu.shape
+    mu, log_sigma, mix_logits = _params(mu, log_sigma, mix_logits)
+    if x.numel() == 0:
+        return torch.zeros((3, K, C), dtype=torch.float64, device=x.device)
+    sums = torch.empty((3, K, C), dtype=torch.float64, device=x.device)
+    x3 = _input_ncl(x)
+    tiles = geometry.tile_geometry(x3, K)
+    finalize_grid, finalize_block = _finalize_grid(C)
+    with _on_device(x):
+        partials = _launch_stats_partials(x3, mu, log_sigma, mix_logits, tiles, acc)
+        kernels._stats_sums_kernel[finalize_grid](
+            partials, x3, mu, sums, tiles.programs, C, x3.stride(1),
+            K=K, BLOCK_C=finalize_block, ACC=_triton_dtype(acc),
+        )
+    return sums
+
+
+def _check_sums(op: str, name: str, sums: Tensor, mu: Tensor, expected: Tuple[int, ...]) -> None:
+    """Raise unless ``sums`` is a float64 tensor of shape ``expected`` on ``mu``'s device."""
+    if sums.dtype != torch.float64 or tuple(sums.shape) != expected or sums.device != mu.device:
+        raise ValueError(f"{op}: {name} must be float64 of shape {expected} on {mu.device}, "
+                         f"got {sums.dtype} {tuple(sums.shape)} on {sums.device}")
+
+
+def launch_statistics_finalize(sums, mu):
+    """``(mean, var, mass)`` in ``mu``'s dtype from ``(3, K, C)`` float64 sums about ``mu``: one launch."""
+    op = "uan::triton_statistics_finalize"
+    if mu.dim() != 2 or mu.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{op}: mu must be a float32 or float64 (K, C) tensor, got {mu.dtype} {tuple(mu.shape)}")
+    _check_sums(op, "sums", sums, mu, (3, *mu.shape))
+    mu = mu.contiguous()
+    sums = sums.contiguous()
+    mean, var, mass = (torch.empty_like(mu) for _ in range(3))
+    plane = mu.numel()
+    if plane:
+        block = min(_FINALIZE_BLOCK, triton.next_power_of_2(plane))
+        with _on_device(mu):
+            kernels._statistics_from_sums_kernel[(cdiv(plane, block),)](sums, mu, mean, var, mass, plane,
+                                                                         BLOCK=block)
+    return mean, var, mass
 
 
 def launch_eval_forward(x, mu, log_sigma, mix_logits, mean, var, weight, bias, eps):

@@ -11,7 +11,13 @@ from torch import Tensor
 
 from .. import reference
 from ..reference import compute_dtype
-from .launch import launch_backward, launch_eval_forward, launch_train_forward
+from .launch import (
+    launch_backward,
+    launch_eval_forward,
+    launch_statistics,
+    launch_statistics_finalize,
+    launch_train_forward,
+)
 
 
 @torch.library.custom_op("uan::triton_forward", mutates_args=())
@@ -74,6 +80,28 @@ def _triton_backward(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of the training (``mass`` given) or eval (``mass`` None) forward; see the module docstring."""
     return launch_backward(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, eps, mixture_grad)
+
+
+@torch.library.custom_op("uan::triton_statistics", mutates_args=())
+def _triton_statistics(x: Tensor, mu: Tensor, log_sigma: Tensor, mix_logits: Tensor) -> Tensor:
+    """The statistics pass: float64 ``(3, K, C)`` sums of ``tau``, ``tau (x - mu)``, ``tau (x - mu)**2``."""
+    return launch_statistics(x, mu, log_sigma, mix_logits)
+
+
+@torch.library.custom_op("uan::triton_statistics_finalize", mutates_args=())
+def _triton_statistics_finalize(sums: Tensor, mu: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(mean, var, mass)`` in ``mu``'s dtype from ``(3, K, C)`` sums about ``mu``."""
+    return launch_statistics_finalize(sums, mu)
+
+
+@_triton_statistics.register_fake
+def _(x, mu, log_sigma, mix_logits):
+    return x.new_empty((3, *mu.shape), dtype=torch.float64)
+
+
+@_triton_statistics_finalize.register_fake
+def _(sums, mu):
+    return tuple(torch.empty_like(mu, memory_format=torch.contiguous_format) for _ in range(3))
 
 
 @_triton_forward.register_fake
@@ -300,3 +328,19 @@ def eval_mixture_forward(
 ) -> Tensor:
     """Eval forward of update="moving_average" (statistics ``(mu, exp(2 log_sigma))``, constants) in one kernel."""
     return torch.ops.uan.triton_forward_mixture(x, mu, log_sigma, mix_logits, weight, bias, float(eps))
+
+
+def statistics(x: Tensor, mu: Tensor, log_sigma: Tensor, mix_logits: Tensor) -> Tensor:
+    """The statistics pass (``uan::triton_statistics``), as :func:`uan_kernels.ops.statistics`.
+
+    Float64 ``(3, K, C)`` sums over the elements of each channel of ``tau_k``,
+    ``tau_k (x - mu_k)`` and ``tau_k (x - mu_k)**2``: about ``mu``, so that the
+    sums of several batches (or processes) add. Zeros for an empty input.
+    Not differentiable.
+    """
+    return torch.ops.uan.triton_statistics(x, mu, log_sigma, mix_logits)
+
+
+def statistics_finalize(sums: Tensor, mu: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(mean, var, mass)`` of SPEC's training forward from :func:`statistics`' sums (``uan::triton_statistics_finalize``)."""
+    return torch.ops.uan.triton_statistics_finalize(sums, mu)
