@@ -94,39 +94,56 @@ C10_HOST_DEVICE inline void repivot_sums(double S, double& T1, double& T2, doubl
   T1 += offset * S;
 }
 
+// The reduce pass's sum Bp = sum dout tau_k (x - p) about the pivot p moved
+// to the component's center, B = sum dout tau_k (x - center_k), with
+// shift = center_k - p and A = sum dout tau_k.
+template <typename T>
+C10_HOST_DEVICE inline double about_center(double A, double Bp, T shift) {
+  return Bp - static_cast<double>(shift) * A;
+}
+
 // Backward coefficients of component k (BackwardConstants of uan_math.h) from
-// the reduce pass's float64 sums about pivot p: A = sum dout tau_k,
-// Bp = sum dout tau_k (x - p). With B = sum dout tau_k (x - center_k):
-//   grad_weight += scale_k B,   d loss / d log lam_k (through lam^-1/2) += -scale_k gamma B / 2
-// and, for batch statistics (mass given), Gm_k = -scale_k gamma A,
-// Gv_k = -scale_k gamma B / (2 (var_k + eps)), each divided by S_k + e.
+// the reduce sums of the whole batch (of every process, under SyncUAN), about
+// the center: A = sum dout tau_k, B = sum dout tau_k (x - center_k). For batch
+// statistics (mass given), Gm_k = -scale_k gamma A, Gv_k = -scale_k gamma B /
+// (2 (var_k + eps)), each divided by S_k + e; with given statistics both are 0.
 template <typename T>
 struct ComponentBackward {
-  T shift, gamma_scale, mean_coef, var_coef, var_term;
-  double grad_weight_term, log_lam_direct;
+  T scale, shift, gamma_scale, mean_coef, var_coef, var_term;
 };
 
 template <typename T>
-C10_HOST_DEVICE inline ComponentBackward<T> component_backward(double A, double Bp, T center, T var, T log_lam,
+C10_HOST_DEVICE inline ComponentBackward<T> component_backward(double A, double B, T center, T var, T log_lam,
                                                                T gamma, T eps, T pivot, bool batch_statistics,
                                                                T mass) {
   ComponentBackward<T> out;
-  const T scale = normalization_scale(log_lam, var, eps);
+  out.scale = normalization_scale(log_lam, var, eps);
   out.shift = center - pivot;
-  const double B = Bp - static_cast<double>(out.shift) * A;
-  out.gamma_scale = gamma * scale;
-  out.grad_weight_term = static_cast<double>(scale) * B;
-  out.log_lam_direct = -0.5 * static_cast<double>(out.gamma_scale) * B;
+  out.gamma_scale = gamma * out.scale;
   if (batch_statistics) {
     const double denom = static_cast<double>(mass) + kMassEps;
     out.mean_coef = static_cast<T>(-static_cast<double>(out.gamma_scale) * A / denom);
-    out.var_coef = static_cast<T>(out.log_lam_direct / ((static_cast<double>(var) + eps) * denom));
+    out.var_coef = static_cast<T>(-0.5 * static_cast<double>(out.gamma_scale) * B /
+                                  ((static_cast<double>(var) + eps) * denom));
   } else {
     out.mean_coef = T(0);
     out.var_coef = T(0);
   }
   out.var_term = out.var_coef * var;
   return out;
+}
+
+// One batch's own terms of the parameter gradients, from its B about the
+// center (its part of the whole batch's B, so that the terms of several
+// processes add up to the whole batch's):
+//   grad_weight += scale_k B,   d loss / d log lam_k (through lam^-1/2) += -gamma scale_k B / 2.
+struct ParameterTerms {
+  double grad_weight, log_lam_direct;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline ParameterTerms parameter_terms(double B, const ComponentBackward<T>& component) {
+  return {static_cast<double>(component.scale) * B, -0.5 * static_cast<double>(component.gamma_scale) * B};
 }
 
 // Gradients of mu_k and log_sigma_k of one channel from the elementwise

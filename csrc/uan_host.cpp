@@ -153,16 +153,46 @@ at::Tensor forward_with_mixture_statistics(
   return out;
 }
 
+static void check_grad_output(const char* op, const at::Tensor& grad_out, const at::Tensor& x) {
+  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type() &&
+                  grad_out.device() == x.device(),
+              op, ": grad_output must match input in shape, dtype and device; got ", grad_out.sizes(), " ",
+              grad_out.scalar_type(), " vs ", x.sizes(), " ", x.scalar_type());
+}
+
+// (2K+1, C) float64 reduce sums on mu's device.
+static void check_reduce_sums(const char* op, const char* name, const at::Tensor& sums, const at::Tensor& mu) {
+  TORCH_CHECK(sums.device() == mu.device(), op, ": ", name, " is on ", sums.device(), " but mu is on ", mu.device());
+  TORCH_CHECK(sums.scalar_type() == at::kDouble, op, ": ", name, " must be float64, got ", sums.scalar_type());
+  const int64_t K = mu.size(0);
+  TORCH_CHECK(sums.sizes() == at::IntArrayRef({2 * K + 1, mu.size(1)}), op, ": ", name, " must have shape (",
+              2 * K + 1, ", ", mu.size(1), "), got ", sums.sizes());
+}
+
+// The gradients' tensors, in the layout of the input and the parameters.
+struct Gradients {
+  at::Tensor input, mu, log_sigma, mix_logits, weight, bias;
+
+  Gradients(const at::Tensor& xd, const Parameters& p)
+      : input(at::empty_like(xd)),
+        mu(at::empty_like(p.mu)),
+        log_sigma(at::empty_like(p.mu)),
+        mix_logits(at::empty_like(p.mix_logits)),
+        weight(at::empty({xd.size(1)}, p.mu.options())),
+        bias(at::empty({xd.size(1)}, p.mu.options())) {}
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tuple() const {
+    return {input, mu, log_sigma, mix_logits, weight, bias};
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const DevicePasses& passes, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mu,
     const at::Tensor& log_sigma, const at::Tensor& mix_logits, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& mass, double eps,
     bool mixture_grads) {
   check_forward_inputs("uan::backward", x, mu, log_sigma, mix_logits, weight, std::nullopt, eps);
-  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type() &&
-                  grad_out.device() == x.device(),
-              "uan::backward: grad_output must match input in shape, dtype and device; got ", grad_out.sizes(), " ",
-              grad_out.scalar_type(), " vs ", x.sizes(), " ", x.scalar_type());
+  check_grad_output("uan::backward", grad_out, x);
   check_statistics("uan::backward", "mean", mean, mu);
   check_statistics("uan::backward", "var", var, mu);
   if (mass.has_value()) {
@@ -172,16 +202,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto gd = like_input_layout(grad_out, xd);
   const auto acc = mu.scalar_type();
   const auto p = parameters(mu, log_sigma, mix_logits, weight, std::nullopt, eps);
-  auto grad_input = at::empty_like(xd);
-  auto grad_mu = at::empty_like(p.mu);
-  auto grad_log_sigma = at::empty_like(p.mu);
-  auto grad_mix_logits = at::empty_like(p.mix_logits);
-  auto grad_weight = at::empty({x.size(1)}, p.mu.options());
-  auto grad_bias = at::empty({x.size(1)}, p.mu.options());
+  Gradients g(xd, p);
   passes.backward(gd, xd, channel_view(xd), p, statistic(mean, acc), statistic(var, acc),
-                  mass.has_value() ? statistic(*mass, acc) : at::Tensor(), mixture_grads, grad_input, grad_mu,
-                  grad_log_sigma, grad_mix_logits, grad_weight, grad_bias);
-  return {grad_input, grad_mu, grad_log_sigma, grad_mix_logits, grad_weight, grad_bias};
+                  mass.has_value() ? statistic(*mass, acc) : at::Tensor(), mixture_grads, g.input, g.mu, g.log_sigma,
+                  g.mix_logits, g.weight, g.bias);
+  return g.tuple();
+}
+
+at::Tensor backward_reduce(const DevicePasses& passes, const at::Tensor& grad_out, const at::Tensor& x,
+                           const at::Tensor& mu, const at::Tensor& log_sigma, const at::Tensor& mix_logits,
+                           const at::Tensor& mean) {
+  const char* op = "uan::backward_reduce";
+  check_mixture_inputs(op, x, mu, log_sigma, mix_logits);
+  check_grad_output(op, grad_out, x);
+  check_statistics(op, "mean", mean, mu);
+  const auto xd = dense_input(x);
+  // The reduce pass reads neither the affine parameters nor eps.
+  const auto p = parameters(mu, log_sigma, mix_logits, std::nullopt, std::nullopt, 0.0);
+  auto sums = at::empty({2 * p.K + 1, mu.size(1)}, mu.options().dtype(at::kDouble));
+  passes.backward_reduce(like_input_layout(grad_out, xd), xd, channel_view(xd), p, statistic(mean, mu.scalar_type()),
+                         sums);
+  return sums;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_elementwise(
+    const DevicePasses& passes, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mu,
+    const at::Tensor& log_sigma, const at::Tensor& mix_logits, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& var, const at::Tensor& mass, const at::Tensor& sums,
+    const at::Tensor& local_sums, double eps, bool mixture_grads) {
+  const char* op = "uan::backward_elementwise";
+  check_forward_inputs(op, x, mu, log_sigma, mix_logits, weight, std::nullopt, eps);
+  check_grad_output(op, grad_out, x);
+  check_statistics(op, "mean", mean, mu);
+  check_statistics(op, "var", var, mu);
+  check_statistics(op, "mass", mass, mu);
+  check_reduce_sums(op, "sums", sums, mu);
+  check_reduce_sums(op, "local_sums", local_sums, mu);
+  const auto xd = dense_input(x);
+  const auto acc = mu.scalar_type();
+  const auto p = parameters(mu, log_sigma, mix_logits, weight, std::nullopt, eps);
+  Gradients g(xd, p);
+  passes.backward_elementwise(like_input_layout(grad_out, xd), xd, channel_view(xd), p, statistic(mean, acc),
+                              statistic(var, acc), statistic(mass, acc), sums.contiguous(), local_sums.contiguous(),
+                              mixture_grads, g.input, g.mu, g.log_sigma, g.mix_logits, g.weight, g.bias);
+  return g.tuple();
 }
 
 at::Tensor statistics(const DevicePasses& passes, const at::Tensor& x, const at::Tensor& mu,

@@ -73,6 +73,19 @@ struct DevicePasses {
   // contiguous sums about mu.
   void (*statistics_finalize)(const at::Tensor& sums, const at::Tensor& mu, at::Tensor& mean, at::Tensor& var,
                               at::Tensor& mass);
+  // The training backward's reduce pass over x with the batch statistics'
+  // means `mean`: (2K+1, C) float64 sums about them (backward_reduce operator).
+  void (*backward_reduce)(const at::Tensor& grad_out, const at::Tensor& x, const ChannelView& view,
+                          const Parameters& p, const at::Tensor& mean, at::Tensor& sums);
+  // The training backward after its reduce pass, from (2K+1, C) reduce sums:
+  // `sums` of the whole batch for grad_input, `local_sums` of x for grad_weight,
+  // grad_bias and the mixing weights' direct term (backward_elementwise operator).
+  void (*backward_elementwise)(const at::Tensor& grad_out, const at::Tensor& x, const ChannelView& view,
+                               const Parameters& p, const at::Tensor& mean, const at::Tensor& var,
+                               const at::Tensor& mass, const at::Tensor& sums, const at::Tensor& local_sums,
+                               bool mixture_grads, at::Tensor& grad_input, at::Tensor& grad_mu,
+                               at::Tensor& grad_log_sigma, at::Tensor& grad_mix_logits, at::Tensor& grad_weight,
+                               at::Tensor& grad_bias);
   // One online EM step of the (contiguous) mixture buffers, in place.
   void (*moving_average_update)(at::Tensor& mu, at::Tensor& log_sigma, at::Tensor& mix_logits,
                                 const at::Tensor& mean, const at::Tensor& var, const at::Tensor& mass,
@@ -106,6 +119,16 @@ at::Tensor statistics(const DevicePasses& passes, const at::Tensor& x, const at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> statistics_finalize(const DevicePasses& passes, const at::Tensor& sums,
                                                                    const at::Tensor& mu);
+
+at::Tensor backward_reduce(const DevicePasses& passes, const at::Tensor& grad_out, const at::Tensor& x,
+                           const at::Tensor& mu, const at::Tensor& log_sigma, const at::Tensor& mix_logits,
+                           const at::Tensor& mean);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_elementwise(
+    const DevicePasses& passes, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mu,
+    const at::Tensor& log_sigma, const at::Tensor& mix_logits, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& var, const at::Tensor& mass, const at::Tensor& sums,
+    const at::Tensor& local_sums, double eps, bool mixture_grads);
 
 void moving_average_update(const DevicePasses& passes, at::Tensor& mu, at::Tensor& log_sigma,
                            at::Tensor& mix_logits, const at::Tensor& mean, const at::Tensor& var,

@@ -16,7 +16,9 @@ TORCH_LIBRARY(uan, m) {
   m.def(
       "forward(Tensor input, Tensor mu, Tensor log_sigma, Tensor mix_logits, Tensor? weight, Tensor? bias, "
       "float eps) -> (Tensor output, Tensor mean, Tensor var, Tensor mass)");
-  // Eval forward: given (K, C) statistics.
+  // Eval forward: given (K, C) statistics. With a batch's statistics (from
+  // statistics_finalize) it is also the training forward's normalize pass:
+  // SPEC's transform is the same, only where the statistics come from differs.
   m.def(
       "forward.stats(Tensor input, Tensor mu, Tensor log_sigma, Tensor mix_logits, Tensor mean, Tensor var, "
       "Tensor? weight, Tensor? bias, float eps) -> Tensor output");
@@ -41,7 +43,26 @@ TORCH_LIBRARY(uan, m) {
   // batches add. Zeros for an empty input.
   m.def("statistics(Tensor input, Tensor mu, Tensor log_sigma, Tensor mix_logits) -> Tensor sums");
   // (K, C) batch mean, biased variance and mass, in mu's dtype, from such sums.
+  // The normalize pass is forward.stats with these statistics.
   m.def("statistics_finalize(Tensor sums, Tensor mu) -> (Tensor mean, Tensor var, Tensor mass)");
+  // The training backward's reduce pass, with the batch statistics' means:
+  // float64 (2K+1, C) sums over the input's elements of dout tau_k (rows k),
+  // dout tau_k (x - mean_k) (rows K + k) and dout (row 2K), so that sums of
+  // several batches add.
+  m.def(
+      "backward_reduce(Tensor grad_output, Tensor input, Tensor mu, Tensor log_sigma, Tensor mix_logits, "
+      "Tensor mean) -> Tensor sums");
+  // The training backward after its reduce pass. sums: the whole batch's
+  // reduce sums (of every process), which grad_input needs with the batch
+  // statistics mean, var, mass; local_sums: this input's, from which
+  // grad_weight, grad_bias and the mixing weights' direct term are taken, so
+  // that every batch's parameter gradients add up to the whole batch's. With
+  // sums = local_sums it is uan::backward of a training forward.
+  m.def(
+      "backward_elementwise(Tensor grad_output, Tensor input, Tensor mu, Tensor log_sigma, Tensor mix_logits, "
+      "Tensor? weight, Tensor mean, Tensor var, Tensor mass, Tensor sums, Tensor local_sums, float eps, "
+      "bool mixture_grads) -> (Tensor grad_input, Tensor grad_mu, Tensor grad_log_sigma, Tensor grad_mix_logits, "
+      "Tensor grad_weight, Tensor grad_bias)");
   // update="moving_average": one online EM step of the mixture buffers from a
   // training forward's (K, C) mean, var and mass, in place, in float64 (SPEC).
   m.def(

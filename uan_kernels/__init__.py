@@ -1,15 +1,17 @@
 """uan-kernels: fast Unsupervised Adaptive Normalization (UAN) for PyTorch.
 
-Public API: :class:`UAN`, :class:`MixtureNorm`, :func:`convert_batchnorm`,
-:mod:`uan_kernels.functional`, :mod:`uan_kernels.reference`, and the operators
-``torch.ops.uan.forward`` / ``torch.ops.uan.backward`` (registered by
+Public API: :class:`UAN`, :class:`SyncUAN` (statistics of a whole
+``torch.distributed`` process group), :class:`MixtureNorm`,
+:func:`convert_batchnorm`, :mod:`uan_kernels.functional`,
+:mod:`uan_kernels.reference`, and the operators ``torch.ops.uan.forward`` /
+``torch.ops.uan.backward`` and the operators per pass (registered by
 ``import uan_kernels`` when the compiled extension is installed; see
-:func:`available_backends`).
+:func:`available_backends` and :mod:`uan_kernels.ops`).
 """
 from . import functional, reference
 from ._backends import BACKEND_NAMES, MAX_FUSED_COMPONENTS
 from .mixture_norm import MixtureNorm
-from .modules import UAN, convert_batchnorm
+from .modules import UAN, SyncUAN, convert_batchnorm
 
 __version__ = "0.1.0"
 
@@ -26,6 +28,7 @@ def available_backends(device="cpu"):
 
 __all__ = [
     "UAN",
+    "SyncUAN",
     "MixtureNorm",
     "convert_batchnorm",
     "functional",

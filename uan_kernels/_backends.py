@@ -6,6 +6,12 @@ eval of update="moving_average" without computing its variances first):
 
 * ``train(x, mu, log_sigma, mix_logits, weight, bias, eps) -> (out, mean, var, mass)``
 * ``eval(x, mu, log_sigma, mix_logits, mean, var, weight, bias, eps) -> out``
+
+and ``passes``: the fused backends' operators per pass (``statistics``,
+``statistics_finalize``, ``normalize``, ``backward_reduce``,
+``backward_elementwise``), which :class:`uan_kernels.SyncUAN` runs with
+collectives between them; None for the reference, which SyncUAN differentiates
+with autograd instead.
 """
 from __future__ import annotations
 
@@ -42,17 +48,17 @@ def check_backend_name(name: str) -> None:
 def _load_cpp() -> SimpleNamespace:
     ops = importlib.import_module("uan_kernels.ops")
     return SimpleNamespace(train=ops.train_forward, eval=ops.eval_forward, eval_mixture=ops.eval_mixture_forward,
-                           module=ops)
+                           module=ops, passes=ops)
 
 
 def _load_triton() -> SimpleNamespace:
     mod = importlib.import_module("uan_kernels.triton")
     return SimpleNamespace(train=mod.train_forward, eval=mod.eval_forward, eval_mixture=mod.eval_mixture_forward,
-                           module=mod)
+                           module=mod, passes=mod)
 
 
 def _load_reference() -> SimpleNamespace:
-    return SimpleNamespace(train=reference.uan_train, eval=reference.uan_eval, module=reference)
+    return SimpleNamespace(train=reference.uan_train, eval=reference.uan_eval, module=reference, passes=None)
 
 
 _LOADERS: Dict[str, Callable[[], SimpleNamespace]] = {

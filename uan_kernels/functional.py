@@ -147,6 +147,82 @@ def moving_average_update_(
     mu.copy_(new_mu)
 
 
+def resolve_call(
+    input: Tensor,
+    mu: Tensor,
+    log_sigma: Tensor,
+    mix_logits: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    update: str,
+    backend: str,
+):
+    """Every check of a UAN call but the count of values per channel; returns the backend that runs it."""
+    if not torch.compiler.is_compiling():
+        # Plain Python checks of Python numbers: under torch.compile eps and
+        # momentum may be symbolic, and the operators check eps themselves.
+        check_config(eps, momentum, update)
+    _backends.check_backend_name(backend)
+    check_inputs(input, mu, log_sigma, mix_logits, weight, bias, running_mean, running_var)
+    if update == "moving_average" and running_mean is not None:
+        raise ValueError("update='moving_average' keeps its statistics in mu and log_sigma; pass no running_mean/var")
+    if update == "moving_average" and any(t.requires_grad for t in (mu, log_sigma, mix_logits)) and training:
+        raise ValueError("update='moving_average' updates mu, log_sigma and mix_logits in place; they must not require grad")
+    _backends.check_components(backend, mu.shape[0])
+    return _backends.resolve(
+        "reference" if mu.shape[0] > _backends.MAX_FUSED_COMPONENTS else backend, input.device
+    )
+
+
+def check_values_per_channel(num_values: int, what: str) -> None:
+    """BatchNorm's error for a training batch with one value per channel (``what`` says where it was counted)."""
+    if num_values == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {what}")
+
+
+def training_mixture(mu: Tensor, log_sigma: Tensor, mix_logits: Tensor, update: str):
+    """The mixture a training forward runs with: a copy when the update rewrites the buffers afterwards."""
+    if update == "moving_average":
+        # The update rewrites the buffers in place; autograd must see the
+        # mixture this forward used. An arithmetic copy, not clone():
+        # torch.compile drops a clone of an input it later mutates and would
+        # hand the backward the updated buffers. One multi-tensor launch.
+        return tuple(torch._foreach_add((mu, log_sigma, mix_logits), 0))
+    return mu, log_sigma, mix_logits
+
+
+def update_estimates_(
+    impl,
+    mu: Tensor,
+    log_sigma: Tensor,
+    mix_logits: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    mass: Tensor,
+    num_values: int,
+    momentum: float,
+    update: str,
+) -> None:
+    """After a training forward with statistics ``(mean, var, mass)`` of ``num_values`` values per channel:
+    the running statistics' momentum step (``update="weight"``) or the online EM step of the mixture."""
+    if update == "weight" and running_mean is not None:
+        _ema_((running_mean, running_var), (mean.detach(), var.detach()), momentum)
+    elif update == "moving_average":
+        step = (
+            torch.ops.uan.moving_average_update_
+            if impl.module is not reference_module and _backends.has_fused_moving_average_update(mu.device)
+            else moving_average_update_
+        )
+        step(mu, log_sigma, mix_logits, mean.detach(), var.detach(), mass.detach(), num_values, momentum)
+
+
 def uan(
     input: Tensor,
     mu: Tensor,
@@ -184,49 +260,23 @@ def uan(
     and in eval the running statistics (``update="weight"``; batch statistics
     if none are given) or the mixture itself (``update="moving_average"``).
     """
-    if not torch.compiler.is_compiling():
-        # Plain Python checks of Python numbers: under torch.compile eps and
-        # momentum may be symbolic, and the operators check eps themselves.
-        check_config(eps, momentum, update)
-    _backends.check_backend_name(backend)
-    check_inputs(input, mu, log_sigma, mix_logits, weight, bias, running_mean, running_var)
-    if update == "moving_average" and running_mean is not None:
-        raise ValueError("update='moving_average' keeps its statistics in mu and log_sigma; pass no running_mean/var")
-    if update == "moving_average" and any(t.requires_grad for t in (mu, log_sigma, mix_logits)) and training:
-        raise ValueError("update='moving_average' updates mu, log_sigma and mix_logits in place; they must not require grad")
+    impl = resolve_call(input, mu, log_sigma, mix_logits, weight, bias, running_mean, running_var, training,
+                        momentum, eps, update, backend)
     num_values = values_per_channel(input)
-    if training and num_values == 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {tuple(input.shape)}"
-        )
-    _backends.check_components(backend, mu.shape[0])
-    impl = _backends.resolve(
-        "reference" if mu.shape[0] > _backends.MAX_FUSED_COMPONENTS else backend, input.device
-    )
+    if training:
+        check_values_per_channel(num_values, f"input size {tuple(input.shape)}")
     eps = float(eps)
 
     if training and num_values == 0:
         # As BatchNorm: an empty batch gives an empty output and updates nothing.
         return impl.train(input, mu, log_sigma, mix_logits, weight, bias, eps)[0]
     if training or (update == "weight" and running_mean is None):
-        if training and update == "moving_average":
-            # The update below rewrites the buffers in place; autograd must see
-            # the mixture this forward used. An arithmetic copy, not clone():
-            # torch.compile drops a clone of an input it later mutates and would
-            # hand the backward the updated buffers. One multi-tensor launch.
-            mixture = tuple(torch._foreach_add((mu, log_sigma, mix_logits), 0))
-        else:
-            mixture = (mu, log_sigma, mix_logits)
+        # (Outside training only update="weight" gets here.)
+        mixture = training_mixture(mu, log_sigma, mix_logits, update)
         out, mean, var, mass = impl.train(input, *mixture, weight, bias, eps)
-        if training and update == "weight" and running_mean is not None:
-            _ema_((running_mean, running_var), (mean.detach(), var.detach()), momentum)
-        elif training and update == "moving_average":
-            step = (
-                torch.ops.uan.moving_average_update_
-                if impl.module is not reference_module and _backends.has_fused_moving_average_update(input.device)
-                else moving_average_update_
-            )
-            step(mu, log_sigma, mix_logits, mean.detach(), var.detach(), mass.detach(), num_values, momentum)
+        if training:
+            update_estimates_(impl, mu, log_sigma, mix_logits, running_mean, running_var, mean, var, mass,
+                              num_values, momentum, update)
         return out
     if update == "weight":
         stat_mean, stat_var = running_mean, running_var

@@ -1,4 +1,4 @@
-"""``nn.Module`` front ends: :class:`UAN` and :func:`convert_batchnorm`."""
+"""``nn.Module`` front ends: :class:`UAN`, :class:`SyncUAN` and :func:`convert_batchnorm`."""
 from __future__ import annotations
 
 import math
@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from . import _backends
 from .functional import check_config, uan
+from .sync import sync_uan
 
 SIGMA_INITS = ("authors", "paper")
 
@@ -160,6 +161,76 @@ class UAN(nn.Module):
         )
 
 
+class SyncUAN(UAN):
+    r"""UAN whose training statistics are those of the whole ``torch.distributed`` process group.
+
+    What ``nn.SyncBatchNorm`` is to BatchNorm: in training, each process
+    normalises its slice of the global batch with the statistics of the whole
+    global batch (their sums are all-reduced over ``process_group``, once in
+    the forward and once in the backward), the running estimates are updated
+    from the global statistics, identically on every process, and the
+    gradients of the parameters on each process are its share of the global
+    batch's gradient (DistributedDataParallel sums them). Processes may hold
+    batches of different sizes, including empty ones, but every process of the
+    group must run the layer at each step. In eval, or when torch.distributed
+    is not initialised or the group has one process, it is :class:`UAN`.
+
+    Args:
+        process_group: the group whose statistics are shared (None: the
+            default group, as ``nn.SyncBatchNorm``).
+        Everything else as :class:`UAN`.
+    """
+
+    def __init__(self, num_features: int, num_components: int = 3, *, process_group=None, **uan_kwargs) -> None:
+        super().__init__(num_features, num_components, **uan_kwargs)
+        self.process_group = process_group
+
+    def forward(self, input: Tensor) -> Tensor:
+        return sync_uan(
+            input,
+            self.mu,
+            self.log_sigma,
+            self.mix_logits,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+            update=self.update,
+            backend=self.backend,
+            process_group=self.process_group,
+        )
+
+    @classmethod
+    def convert_sync_uan(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """Replace every :class:`UAN` layer of ``module`` by a :class:`SyncUAN` on ``process_group``.
+
+        As ``nn.SyncBatchNorm.convert_sync_batchnorm``: the new layers have the
+        same configuration and hold the same parameter and buffer tensors (an
+        optimizer built before still updates them) and training mode.
+        ``module`` itself is modified and returned; a bare UAN is returned replaced.
+        """
+        if isinstance(module, UAN):
+            layer = cls(
+                module.num_features, module.num_components, update=module.update, eps=module.eps,
+                momentum=module.momentum, affine=module.affine, track_running_stats=module.track_running_stats,
+                backend=module.backend, sigma_init=module.sigma_init, process_group=process_group,
+                device=module.mu.device, dtype=module.mu.dtype,
+            )
+            for name, tensor in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
+                setattr(layer, name, tensor)
+            layer.train(module.training)
+            return layer
+        for name, child in module.named_children():
+            setattr(module, name, cls.convert_sync_uan(child, process_group))
+        return module
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, process_group={self.process_group}"
+
+
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -168,7 +239,8 @@ def convert_batchnorm(module: nn.Module, **uan_kwargs) -> nn.Module:
 
     The new layers take the BatchNorm's ``eps``, ``momentum`` (when a float),
     ``affine``, device and dtype unless ``uan_kwargs`` says otherwise; the
-    BatchNorm's learned ``weight``/``bias`` are copied. ``module`` itself is
+    BatchNorm's learned ``weight``/``bias`` are copied. An ``nn.SyncBatchNorm``
+    becomes a :class:`SyncUAN` on its process group. ``module`` itself is
     modified and returned; a bare BatchNorm is returned replaced.
     """
     if isinstance(module, _BATCHNORMS):
@@ -178,8 +250,12 @@ def convert_batchnorm(module: nn.Module, **uan_kwargs) -> nn.Module:
         ref = module.weight if module.weight is not None else module.running_mean
         if ref is not None:
             kwargs.update(device=ref.device, dtype=ref.dtype)
+        layer_type = UAN
+        if isinstance(module, nn.SyncBatchNorm):
+            layer_type = SyncUAN
+            kwargs["process_group"] = module.process_group
         kwargs.update(uan_kwargs)
-        layer = UAN(module.num_features, **kwargs)
+        layer = layer_type(module.num_features, **kwargs)
         if module.affine and layer.affine:
             with torch.no_grad():
                 layer.weight.copy_(module.weight)

@@ -11,9 +11,13 @@ defines the schemas and the CPU (and, when built with CUDA, CUDA) kernels:
   -> (grad_input, grad_mu, grad_log_sigma, grad_mix_logits, grad_weight, grad_bias)``
 * ``uan::moving_average_update_(mu!, log_sigma!, mix_logits!, mean, var, mass, values_per_channel, momentum)``:
   one online EM step of the mixture buffers (update="moving_average"), in place
-* ``uan::statistics(input, mu, log_sigma, mix_logits) -> sums`` and
-  ``uan::statistics_finalize(sums, mu) -> (mean, var, mass)``: the training forward's statistics pass and
-  its finalize step as separate operators (see :func:`statistics`)
+* the training step's passes as separate operators, so that a caller can put a collective between them
+  (:class:`uan_kernels.SyncUAN`): ``uan::statistics(input, mu, log_sigma, mix_logits) -> sums``,
+  ``uan::statistics_finalize(sums, mu) -> (mean, var, mass)``, the normalize pass ``uan::forward.stats``
+  with those statistics, ``uan::backward_reduce(grad_output, input, mu, log_sigma, mix_logits, mean) -> sums``
+  and ``uan::backward_elementwise(grad_output, input, mu, log_sigma, mix_logits, weight?, mean, var, mass,
+  sums, local_sums, eps, mixture_grads) -> (grad_input, grad_mu, grad_log_sigma, grad_mix_logits,
+  grad_weight, grad_bias)`` (see :func:`statistics` and :func:`backward_elementwise`)
 """
 from __future__ import annotations
 
@@ -89,6 +93,17 @@ def _statistics_fake(input, mu, log_sigma, mix_logits):
 @torch.library.register_fake("uan::statistics_finalize")
 def _statistics_finalize_fake(sums, mu):
     return tuple(torch.empty_like(mu, memory_format=torch.contiguous_format) for _ in range(3))
+
+
+@torch.library.register_fake("uan::backward_reduce")
+def _backward_reduce_fake(grad_output, input, mu, log_sigma, mix_logits, mean):
+    return input.new_empty((2 * mu.shape[0] + 1, mu.shape[1]), dtype=torch.float64)
+
+
+@torch.library.register_fake("uan::backward_elementwise")
+def _backward_elementwise_fake(grad_output, input, mu, log_sigma, mix_logits, weight, mean, var, mass, sums,
+                               local_sums, eps, mixture_grads):
+    return _backward_fake(grad_output, input, mu, log_sigma, mix_logits, weight, mean, var, mass, eps, mixture_grads)
 
 
 @torch.library.register_fake("uan::moving_average_update_")
@@ -241,3 +256,49 @@ def statistics_finalize(sums: Tensor, mu: Tensor) -> tuple:
     computed in float64: the batch statistics of the training forward (SPEC).
     """
     return torch.ops.uan.statistics_finalize(sums, mu)
+
+
+def normalize(input, mu, log_sigma, mix_logits, mean, var, weight=None, bias=None, eps=1e-5):
+    """The normalize pass: ``torch.ops.uan.forward.stats`` with ``(mean, var)`` from :func:`statistics_finalize`.
+
+    SPEC's transform with the given statistics, the same as the eval forward's;
+    called directly (inside an ``autograd.Function``), not through its autograd.
+    """
+    return torch.ops.uan.forward.stats(input, mu, log_sigma, mix_logits, mean, var, weight, bias, float(eps))
+
+
+def backward_reduce(grad_output, input, mu, log_sigma, mix_logits, mean):
+    """The training backward's reduce pass (``torch.ops.uan.backward_reduce``).
+
+    Float64 ``(2K+1, C)`` sums over the elements of each channel, with ``mean``
+    the batch means of the training forward (the whole batch's, the same on
+    every process)::
+
+        sums[k]      = sum_i dout_i tau_ik
+        sums[K + k]  = sum_i dout_i tau_ik (x_i - mean[k, c])
+        sums[2 K]    = sum_i dout_i
+
+    so that the sums of several batches add. Not differentiable.
+    """
+    return torch.ops.uan.backward_reduce(grad_output, input, mu, log_sigma, mix_logits, mean)
+
+
+def backward_elementwise(grad_output, input, mu, log_sigma, mix_logits, weight, mean, var, mass, sums, local_sums,
+                         eps=1e-5, mixture_grads=True):
+    """The training backward after its reduce pass (``torch.ops.uan.backward_elementwise``).
+
+    Returns ``(grad_input, grad_mu, grad_log_sigma, grad_mix_logits,
+    grad_weight, grad_bias)`` of this input. ``mean``, ``var``, ``mass`` are the
+    batch statistics and ``sums`` the :func:`backward_reduce` sums of the whole
+    batch (all processes): ``grad_input`` needs them, since every element moves
+    the statistics. ``local_sums`` are this input's own reduce sums:
+    ``grad_weight``, ``grad_bias`` and the mixing weights' direct term come
+    from them, and the mixture parameters' other terms from this input's
+    elements, so that the processes' parameter gradients add up to the whole
+    batch's (as DistributedDataParallel sums them). With ``sums`` =
+    ``local_sums`` of a single process this is ``torch.ops.uan.backward`` of a
+    training forward. ``mixture_grads=False`` returns zeros for the mixture
+    parameters. Not differentiable.
+    """
+    return torch.ops.uan.backward_elementwise(grad_output, input, mu, log_sigma, mix_logits, weight, mean, var,
+                                              mass, sums, local_sums, float(eps), mixture_grads)

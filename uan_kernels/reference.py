@@ -65,6 +65,35 @@ def batch_statistics(x: Tensor, tau: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return mean, var, mass
 
 
+def statistics_sums(x: Tensor, tau: Tensor, pivot: Tensor) -> Tensor:
+    """``(3, K, C)`` sums ``sum tau``, ``sum tau (x - pivot)``, ``sum tau (x - pivot)^2`` per (k, c).
+
+    The statistics pass of the operators per pass (``uan::statistics``, with
+    ``pivot = mu``): taken about a ``(K, C)`` pivot that every process knows,
+    the sums of several batches add, and :func:`statistics_from_sums` turns
+    their total into the statistics of the whole batch.
+    """
+    dims = _reduce_dims(x.dim())
+    d = x.unsqueeze(0) - _per_component(pivot, x.dim())
+    weighted = tau * d
+    return torch.stack([tau.sum(dims), weighted.sum(dims), (weighted * d).sum(dims)])
+
+
+def statistics_from_sums(sums: Tensor, pivot: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Mean, biased variance and mass (eq. 8) from :func:`statistics_sums` about ``pivot``.
+
+    ``mean = (pivot S + T1) / (S + 1e-12)`` is ``sum tau x / (S + 1e-12)``, and
+    ``var = (T2 - 2 (mean - pivot) T1 + (mean - pivot)^2 S) / (S + 1e-12)`` is
+    ``sum tau (x - mean)^2 / (S + 1e-12)``, exactly; clamped at 0 against rounding.
+    """
+    mass, first, second = sums.unbind(0)
+    denominator = mass + MASS_EPS
+    mean = (pivot * mass + first) / denominator
+    offset = mean - pivot
+    var = ((second - 2 * offset * first + offset * offset * mass) / denominator).clamp_min(0)
+    return mean, var, mass
+
+
 def mixture_transform(
     x: Tensor, tau: Tensor, mean: Tensor, var: Tensor, mix_logits: Tensor, eps: float
 ) -> Tensor:

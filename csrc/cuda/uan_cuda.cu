@@ -522,11 +522,56 @@ __global__ void __launch_bounds__(kThreads) statistics_from_sums_kernel(const do
   }
 }
 
+// The channel's pivot of the backward passes: the input's (batch statistics,
+// mass given), else component 0's mean (given statistics).
+template <typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> backward_pivot(const scalar_t* x, int64_t stride_c,
+                                                                    bool has_elements, bool batch_statistics,
+                                                                    const at::opmath_type<scalar_t>* mean,
+                                                                    int64_t c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  return batch_statistics ? static_cast<acc_t>(input_pivot(x, stride_c, has_elements, c)) : mean[c];
+}
+
+// (2K+1, C) reduce sums about the centers `mean` (the backward_reduce
+// operator) from the reduce pass's partials about each channel's pivot.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) finalize_reduce_sums(
+    const double* partials, int64_t slices, const scalar_t* x, int64_t stride_c, bool has_elements,
+    const at::opmath_type<scalar_t>* mean, int K, int64_t C, double* sums) {
+  __shared__ double channel_sums[kWarpsPerBlock][kMaxFinalizeQuantities];
+  const int warp = threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  if (c >= C) {
+    return;
+  }
+  sum_channel_slices(partials, 2 * K + 1, C, c, slices, channel_sums[warp]);
+  if (lane < K) {
+    const int64_t i = lane * C + c;
+    const double A = channel_sums[warp][lane];
+    sums[i] = A;
+    sums[(K + lane) * C + c] = about_center(A, channel_sums[warp][K + lane],
+                                            mean[i] - backward_pivot(x, stride_c, has_elements, true, mean, c));
+  }
+  if (lane == 0) {
+    sums[2 * K * C + c] = channel_sums[warp][2 * K];
+  }
+}
+
 // Arguments of finalize_backward; mass null means given statistics.
 template <typename acc_t>
 struct FinalizeBackwardArgs {
+  // The whole batch's reduce sums (every process's, under SyncUAN), per
+  // (quantity, channel, slice): the reduce pass's partials about each
+  // channel's pivot, or (about_centers) (2K+1, C) sums about the centers
+  // with slices = 1.
   const double* partials;
   int64_t slices;
+  bool about_centers;
+  // (2K+1, C) sums of this input about the centers, for grad_weight,
+  // grad_bias and log_lam_direct; null: the partials are this input's.
+  const double* local_sums;
   const acc_t* mix_logits;
   const acc_t* mean;
   const acc_t* var;
@@ -547,7 +592,7 @@ struct FinalizeBackwardArgs {
 };
 
 // The elementwise backward's constants, grad_weight and grad_bias from the
-// reduce pass's partials.
+// reduce sums.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) finalize_backward(
     FinalizeBackwardArgs<at::opmath_type<scalar_t>> a, const scalar_t* x, int64_t stride_c, bool has_elements) {
@@ -569,18 +614,20 @@ __global__ void __launch_bounds__(kThreads) finalize_backward(
     acc_t log_lam[kMaxComponents];
     log_mixing_weights(a.mix_logits, K, log_lam);
     const int64_t i = lane * a.C + c;
-    const acc_t pivot = a.mass ? static_cast<acc_t>(input_pivot(x, stride_c, has_elements, c)) : a.mean[c];
-    const auto b = component_backward(sums[warp][lane], sums[warp][K + lane], a.mean[i], a.var[i], log_lam[lane],
-                                      a.gamma ? a.gamma[c] : acc_t(1), a.eps, pivot, a.mass != nullptr,
-                                      a.mass ? a.mass[i] : acc_t(0));
+    const acc_t pivot = backward_pivot(x, stride_c, has_elements, a.mass != nullptr, a.mean, c);
+    const double A = sums[warp][lane];
+    const double B = a.about_centers ? sums[warp][K + lane] : about_center(A, sums[warp][K + lane], a.mean[i] - pivot);
+    const auto b = component_backward(A, B, a.mean[i], a.var[i], log_lam[lane], a.gamma ? a.gamma[c] : acc_t(1),
+                                      a.eps, pivot, a.mass != nullptr, a.mass ? a.mass[i] : acc_t(0));
+    const ParameterTerms terms = parameter_terms(a.local_sums ? a.local_sums[(K + lane) * a.C + c] : B, b);
     const int64_t plane = static_cast<int64_t>(K) * a.C;
     a.table[kShift * plane + i] = b.shift;
     a.table[kGammaScale * plane + i] = b.gamma_scale;
     a.table[kMeanCoef * plane + i] = b.mean_coef;
     a.table[kVarCoef * plane + i] = b.var_coef;
     a.table[kVarTerm * plane + i] = b.var_term;
-    a.log_lam_direct[i] = b.log_lam_direct;
-    weight_terms[warp][lane] = b.grad_weight_term;
+    a.log_lam_direct[i] = terms.log_lam_direct;
+    weight_terms[warp][lane] = terms.grad_weight;
     if (!a.mixture_grads) {
       a.grad_mu[i] = acc_t(0);
       a.grad_log_sigma[i] = acc_t(0);
@@ -593,7 +640,7 @@ __global__ void __launch_bounds__(kThreads) finalize_backward(
       weight_sum += weight_terms[warp][k];
     }
     a.grad_weight[c] = static_cast<acc_t>(weight_sum);
-    a.grad_bias[c] = static_cast<acc_t>(sums[warp][2 * K]);
+    a.grad_bias[c] = static_cast<acc_t>(a.local_sums ? a.local_sums[2 * K * a.C + c] : sums[warp][2 * K]);
   }
 }
 
@@ -847,8 +894,80 @@ void forward_eval(const at::Tensor& x, const ChannelView& view, const Parameters
   });
 }
 
-// Launches: reduce pass, finalize_backward, elementwise pass, and with
-// mixture_grads finalize_parameters.
+// The whole batch's reduce sums as finalize_backward reads them, and this
+// input's own (FinalizeBackwardArgs).
+struct ReduceSums {
+  const double* partials;
+  int64_t slices;
+  bool about_centers;
+  const double* local_sums;
+};
+
+// Everything after the reduce pass. Launches: finalize_backward, the
+// elementwise pass, and with mixture_grads finalize_parameters.
+template <typename scalar_t>
+void backward_from_sums(PassArgs<scalar_t> a, const ChannelView& view, const Parameters& p, const at::Tensor& mass,
+                        const ReduceSums& sums, bool mixture_grads, at::Tensor& grad_input, at::Tensor& grad_mu,
+                        at::Tensor& grad_log_sigma, at::Tensor& grad_mix_logits, at::Tensor& grad_weight,
+                        at::Tensor& grad_bias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int K = static_cast<int>(p.K);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  auto table = at::empty({kBackwardRows, K, view.C}, p.mu.options());
+  auto log_lam_direct = at::empty({K, view.C}, p.mu.options().dtype(at::kDouble));
+  FinalizeBackwardArgs<acc_t> f{};
+  f.partials = sums.partials;
+  f.slices = sums.slices;
+  f.about_centers = sums.about_centers;
+  f.local_sums = sums.local_sums;
+  f.mix_logits = a.mix_logits;
+  f.mean = a.mean;
+  f.var = a.var;
+  f.mass = optional_data<acc_t>(mass);
+  f.gamma = a.gamma;
+  f.eps = a.eps;
+  f.K = K;
+  f.C = view.C;
+  f.table = table.mutable_data_ptr<acc_t>();
+  f.log_lam_direct = log_lam_direct.mutable_data_ptr<double>();
+  f.grad_weight = grad_weight.mutable_data_ptr<acc_t>();
+  f.grad_bias = grad_bias.mutable_data_ptr<acc_t>();
+  f.mixture_grads = mixture_grads;
+  f.grad_mu = grad_mu.mutable_data_ptr<acc_t>();
+  f.grad_log_sigma = grad_log_sigma.mutable_data_ptr<acc_t>();
+  f.grad_mix_logits = grad_mix_logits.mutable_data_ptr<acc_t>();
+  finalize_backward<scalar_t><<<channel_blocks(view.C), kThreads, 0, stream>>>(f, a.x, view.stride_c,
+                                                                             view.N * view.L > 0);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  a.table = table.const_data_ptr<acc_t>();
+  a.out = grad_input.mutable_data_ptr<scalar_t>();
+  a.accumulate = mixture_grads;
+  const Partials params = run_pass<BackwardElementwise>(a, view, K, grad_input.options(), {a.x, a.grad_out, a.out});
+  if (mixture_grads) {
+    finalize_parameters<acc_t><<<1, kParameterThreads, 0, stream>>>(
+        params.data(), params.slices, a.log_sigma, a.mix_logits, log_lam_direct.const_data_ptr<double>(), K, view.C,
+        grad_mu.mutable_data_ptr<acc_t>(), grad_log_sigma.mutable_data_ptr<acc_t>(),
+        grad_mix_logits.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// The arguments of the backward passes.
+template <typename scalar_t>
+PassArgs<scalar_t> backward_args(const at::Tensor& grad_out, const at::Tensor& x, const ChannelView& view,
+                                 const Parameters& p, const at::Tensor& mean, const at::Tensor& var,
+                                 bool batch_statistics) {
+  using acc_t = at::opmath_type<scalar_t>;
+  auto a = pass_args<scalar_t>(x, view, p);
+  a.grad_out = grad_out.const_data_ptr<scalar_t>();
+  a.mean = mean.const_data_ptr<acc_t>();
+  a.var = optional_data<acc_t>(var);
+  a.pivot_from_mean = !batch_statistics;
+  return a;
+}
+
+// Launches: reduce pass, then backward_from_sums's.
 void backward(const at::Tensor& grad_out, const at::Tensor& x, const ChannelView& view, const Parameters& p,
               const at::Tensor& mean, const at::Tensor& var, const at::Tensor& mass, bool mixture_grads,
               at::Tensor& grad_input, at::Tensor& grad_mu, at::Tensor& grad_log_sigma, at::Tensor& grad_mix_logits,
@@ -857,54 +976,47 @@ void backward(const at::Tensor& grad_out, const at::Tensor& x, const ChannelView
     grad_mix_logits.zero_();
     return;
   }
-  const int K = static_cast<int>(p.K);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uan_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto a = pass_args<scalar_t>(x, view, p);
-    a.grad_out = grad_out.const_data_ptr<scalar_t>();
-    a.mean = mean.const_data_ptr<acc_t>();
-    a.var = var.const_data_ptr<acc_t>();
-    a.pivot_from_mean = !mass.defined();
+    auto a = backward_args<scalar_t>(grad_out, x, view, p, mean, var, mass.defined());
+    a.accumulate = true;
+    const Partials reduced = run_pass<BackwardReduce>(a, view, static_cast<int>(p.K), x.options(), {a.x, a.grad_out});
+    backward_from_sums(a, view, p, mass, ReduceSums{reduced.data(), reduced.slices, false, nullptr}, mixture_grads,
+                       grad_input, grad_mu, grad_log_sigma, grad_mix_logits, grad_weight, grad_bias);
+  });
+}
+
+// Launches: reduce pass, finalize_reduce_sums.
+void backward_reduce(const at::Tensor& grad_out, const at::Tensor& x, const ChannelView& view, const Parameters& p,
+                     const at::Tensor& mean, at::Tensor& sums) {
+  if (view.C == 0) {
+    return;
+  }
+  const int K = static_cast<int>(p.K);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uan_backward_reduce_cuda", [&] {
+    auto a = backward_args<scalar_t>(grad_out, x, view, p, mean, at::Tensor(), true);
     a.accumulate = true;
     const Partials reduced = run_pass<BackwardReduce>(a, view, K, x.options(), {a.x, a.grad_out});
-
-    auto table = at::empty({kBackwardRows, K, view.C}, p.mu.options());
-    auto log_lam_direct = at::empty({K, view.C}, p.mu.options().dtype(at::kDouble));
-    FinalizeBackwardArgs<acc_t> f{};
-    f.partials = reduced.data();
-    f.slices = reduced.slices;
-    f.mix_logits = a.mix_logits;
-    f.mean = a.mean;
-    f.var = a.var;
-    f.mass = optional_data<acc_t>(mass);
-    f.gamma = a.gamma;
-    f.eps = a.eps;
-    f.K = K;
-    f.C = view.C;
-    f.table = table.mutable_data_ptr<acc_t>();
-    f.log_lam_direct = log_lam_direct.mutable_data_ptr<double>();
-    f.grad_weight = grad_weight.mutable_data_ptr<acc_t>();
-    f.grad_bias = grad_bias.mutable_data_ptr<acc_t>();
-    f.mixture_grads = mixture_grads;
-    f.grad_mu = grad_mu.mutable_data_ptr<acc_t>();
-    f.grad_log_sigma = grad_log_sigma.mutable_data_ptr<acc_t>();
-    f.grad_mix_logits = grad_mix_logits.mutable_data_ptr<acc_t>();
-    finalize_backward<scalar_t><<<channel_blocks(view.C), kThreads, 0, stream>>>(f, a.x, view.stride_c,
-                                                                               view.N * view.L > 0);
+    finalize_reduce_sums<scalar_t><<<channel_blocks(view.C), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        reduced.data(), reduced.slices, a.x, view.stride_c, view.N * view.L > 0, a.mean, K, view.C,
+        sums.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
 
-    a.table = table.const_data_ptr<acc_t>();
-    a.out = grad_input.mutable_data_ptr<scalar_t>();
-    a.accumulate = mixture_grads;
-    const Partials params = run_pass<BackwardElementwise>(a, view, K, x.options(), {a.x, a.grad_out, a.out});
-    if (mixture_grads) {
-      finalize_parameters<acc_t><<<1, kParameterThreads, 0, stream>>>(
-          params.data(), params.slices, a.log_sigma, a.mix_logits, log_lam_direct.const_data_ptr<double>(), K,
-          view.C, grad_mu.mutable_data_ptr<acc_t>(), grad_log_sigma.mutable_data_ptr<acc_t>(),
-          grad_mix_logits.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+// backward_from_sums's launches, from given reduce sums.
+void backward_elementwise(const at::Tensor& grad_out, const at::Tensor& x, const ChannelView& view,
+                          const Parameters& p, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& mass,
+                          const at::Tensor& sums, const at::Tensor& local_sums, bool mixture_grads,
+                          at::Tensor& grad_input, at::Tensor& grad_mu, at::Tensor& grad_log_sigma,
+                          at::Tensor& grad_mix_logits, at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  if (view.C == 0) {
+    grad_mix_logits.zero_();
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uan_backward_elementwise_cuda", [&] {
+    backward_from_sums(backward_args<scalar_t>(grad_out, x, view, p, mean, var, true), view, p, mass,
+                       ReduceSums{sums.const_data_ptr<double>(), 1, true, local_sums.const_data_ptr<double>()},
+                       mixture_grads, grad_input, grad_mu, grad_log_sigma, grad_mix_logits, grad_weight, grad_bias);
   });
 }
 
@@ -955,7 +1067,7 @@ void moving_average_update(at::Tensor& mu, at::Tensor& log_sigma, at::Tensor& mi
 }
 
 constexpr DevicePasses kCudaPasses{forward_train, forward_eval, backward, statistics, statistics_finalize,
-                                    moving_average_update};
+                                    backward_reduce, backward_elementwise, moving_average_update};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma, const at::Tensor& mix_logits,
@@ -1000,6 +1112,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> statistics_finalize_cuda(const at
   return uan::statistics_finalize(kCudaPasses, sums, mu);
 }
 
+at::Tensor backward_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mu,
+                                const at::Tensor& log_sigma, const at::Tensor& mix_logits, const at::Tensor& mean) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return uan::backward_reduce(kCudaPasses, grad_out, x, mu, log_sigma, mix_logits, mean);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_elementwise_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& log_sigma,
+    const at::Tensor& mix_logits, const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+    const at::Tensor& var, const at::Tensor& mass, const at::Tensor& sums, const at::Tensor& local_sums, double eps,
+    bool mixture_grads) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return uan::backward_elementwise(kCudaPasses, grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, sums,
+                                   local_sums, eps, mixture_grads);
+}
+
 void moving_average_update_cuda(at::Tensor& mu, at::Tensor& log_sigma, at::Tensor& mix_logits,
                                 const at::Tensor& mean, const at::Tensor& var, const at::Tensor& mass,
                                 int64_t values_per_channel, double momentum) {
@@ -1016,6 +1144,8 @@ TORCH_LIBRARY_IMPL(uan, CUDA, m) {
   m.impl("backward", &backward_cuda);
   m.impl("statistics", &statistics_cuda);
   m.impl("statistics_finalize", &statistics_finalize_cuda);
+  m.impl("backward_reduce", &backward_reduce_cuda);
+  m.impl("backward_elementwise", &backward_elementwise_cuda);
   m.impl("moving_average_update_", &moving_average_update_cuda);
 }
 

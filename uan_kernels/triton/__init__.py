@@ -10,10 +10,15 @@ Public functions (the ``"triton"`` backend of :mod:`uan_kernels._backends`):
 
 * :func:`train_forward` ``(x, mu, log_sigma, mix_logits, weight, bias, eps) -> (out, mean, var, mass)``
 * :func:`eval_forward` ``(x, mu, log_sigma, mix_logits, mean, var, weight, bias, eps) -> out``
-* :func:`statistics` ``(x, mu, log_sigma, mix_logits) -> sums`` and :func:`statistics_finalize`
-  ``(sums, mu) -> (mean, var, mass)``: the statistics pass and its finalize step as
-  separate operators, so that sums of several processes can be added between them
-  (see :func:`uan_kernels.ops.statistics`)
+* the training step's passes as separate operators, so that the sums of several
+  processes can be added between them (:class:`uan_kernels.SyncUAN`; see
+  :func:`uan_kernels.ops.statistics`): :func:`statistics` ``(x, mu, log_sigma,
+  mix_logits) -> sums``, :func:`statistics_finalize` ``(sums, mu) -> (mean, var,
+  mass)``, :func:`normalize` (the eval forward with those statistics),
+  :func:`backward_reduce` ``(grad_out, x, mu, log_sigma, mix_logits, mean) ->
+  sums`` and :func:`backward_elementwise` ``(grad_out, x, mu, log_sigma,
+  mix_logits, weight, mean, var, mass, sums, local_sums, eps, mixture_grad) ->
+  (grad_input, grad_mu, grad_log_sigma, grad_mix_logits, grad_weight, grad_bias)``
 
 with the semantics of :func:`uan_kernels.reference.uan_train` and
 :func:`~uan_kernels.reference.uan_eval`, differentiable with the exact gradient
@@ -34,6 +39,13 @@ so they work under ``torch.compile(fullgraph=True)``)::
                                 Tensor? weight, Tensor? bias, float eps) -> Tensor
     uan::triton_statistics(Tensor x, Tensor mu, Tensor log_sigma, Tensor mix_logits) -> Tensor
     uan::triton_statistics_finalize(Tensor sums, Tensor mu) -> (Tensor, Tensor, Tensor)
+    uan::triton_backward_reduce(Tensor grad_out, Tensor x, Tensor mu, Tensor log_sigma,
+                                Tensor mix_logits, Tensor mean) -> Tensor
+    uan::triton_backward_elementwise(Tensor grad_out, Tensor x, Tensor mu, Tensor log_sigma,
+                                     Tensor mix_logits, Tensor? weight, Tensor mean, Tensor var,
+                                     Tensor mass, Tensor sums, Tensor local_sums, float eps,
+                                     bool mixture_grad)
+        -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)
     uan::triton_backward(Tensor grad_out, Tensor x, Tensor mu, Tensor log_sigma,
                          Tensor mix_logits, Tensor? weight, Tensor mean, Tensor var,
                          Tensor? mass, float eps, bool mixture_grad)
@@ -75,6 +87,24 @@ Statistics and all accumulation are float32, or float64 for float64 input.
 On CPU tensors the kernels run under the Triton interpreter, which must be
 enabled (``TRITON_INTERPRET=1``) before this package is imported.
 """
-from .ops import eval_forward, eval_mixture_forward, statistics, statistics_finalize, train_forward
+from .ops import (
+    backward_elementwise,
+    backward_reduce,
+    eval_forward,
+    eval_mixture_forward,
+    normalize,
+    statistics,
+    statistics_finalize,
+    train_forward,
+)
 
-__all__ = ["eval_forward", "eval_mixture_forward", "statistics", "statistics_finalize", "train_forward"]
+__all__ = [
+    "backward_elementwise",
+    "backward_reduce",
+    "eval_forward",
+    "eval_mixture_forward",
+    "normalize",
+    "statistics",
+    "statistics_finalize",
+    "train_forward",
+]

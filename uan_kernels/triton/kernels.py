@@ -273,6 +273,19 @@ def _stats_sums_kernel(
         _store_row(sums_ptr + 2 * K * C, k, c, C, second)
 
 
+@triton.jit(do_not_specialize=["num_partials"])
+def _partials_total_kernel(partials_ptr, sums_ptr, num_partials, size, BLOCK: tl.constexpr):
+    """Float64 totals over the programs of ``(programs, size)`` partial sums, added in a fixed order."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < size
+    total = tl.zeros([BLOCK], tl.float64)
+    row = partials_ptr  # advanced by pointer increments: 64-bit, however many partials
+    for _ in range(num_partials):
+        total += tl.load(row + i, mask=ok, other=0.0).to(tl.float64)
+        row += size
+    tl.store(sums_ptr + i, total, mask=ok)
+
+
 @triton.jit
 def _statistics_from_sums_kernel(sums_ptr, mu_ptr, mean_ptr, var_ptr, mass_ptr, plane, BLOCK: tl.constexpr):
     """``(K, C)`` mean, var and mass from ``(3, K, C)`` float64 sums about ``mu``, in float64 (SPEC's statistics).
@@ -402,11 +415,12 @@ def _backward_reduce_kernel(
 
 @triton.jit(do_not_specialize=["num_partials"])
 def _statistic_gradients_kernel(
-    partials_ptr, mix_logits_ptr, var_ptr, weight_ptr,
-    dmean_ptr, dvar_ptr, grad_weight_ptr, grad_bias_ptr, grad_mu_ptr, grad_log_sigma_ptr, grad_mix_logits_ptr,
+    partials_ptr, local_sums_ptr, mix_logits_ptr, var_ptr, weight_ptr,
+    dmean_ptr, dvar_ptr, local_dvar_ptr, grad_weight_ptr, grad_bias_ptr,
+    grad_mu_ptr, grad_log_sigma_ptr, grad_mix_logits_ptr,
     num_partials, C,
     K: tl.constexpr, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, MIXTURE_GRAD: tl.constexpr,
-    EPS: tl.constexpr, ACC: tl.constexpr,
+    LOCAL_SUMS: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr,
 ):
     """The programs' ``sum dout tau``, ``sum dout tau d``, ``sum dout`` to the statistics' gradients.
 
@@ -415,6 +429,13 @@ def _statistic_gradients_kernel(
     ``grad_bias = sum dout``, with ``a_k r_k = 1 / sqrt(lam_k (var_k + eps))``.
     Without ``MIXTURE_GRAD`` (update="moving_average") it also writes the zero
     mixture gradients, so that no kernel runs for them.
+
+    ``LOCAL_SUMS`` (``uan::triton_backward_elementwise``): the partials are the
+    whole batch's reduce sums (every process's, ``num_partials = 1``), and
+    ``local_sums`` (``(2K+1, C)``) this input's: ``grad_weight``, ``grad_bias``
+    and ``local_dvar`` (``Gv`` of this input's ``B``, whose ``Gv (v + eps)`` is
+    its share of ``d log(lam)``'s direct term) are taken from these, so that the
+    processes' parameter gradients add up to the whole batch's.
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     log2_lam = tm.log2_mixing_weights(_load_scalars(mix_logits_ptr, K, ACC), K)
@@ -432,12 +453,20 @@ def _statistic_gradients_kernel(
         rstd2 = 1.0 / (_load_row(var_ptr, k, c, C, 1.0, ACC) + EPS)
         _store_row(dmean_ptr, k, c, C, -scale[k] * gamma * dout_tau)
         _store_row(dvar_ptr, k, c, C, -0.5 * scale[k] * rstd2 * gamma * dout_tau_d)
-        grad_weight += scale[k] * dout_tau_d
-    dout_sum = tl.zeros([BLOCK_C], ACC)
-    row = partials_ptr + 2 * K * C
-    for _ in range(num_partials):
-        dout_sum += _load_row(row, 0, c, C, 0.0, ACC)
-        row += (2 * K + 1) * C
+        if LOCAL_SUMS:
+            local_tau_d = _load_row(local_sums_ptr + K * C, k, c, C, 0.0, ACC)
+            _store_row(local_dvar_ptr, k, c, C, -0.5 * scale[k] * rstd2 * gamma * local_tau_d)
+            grad_weight += scale[k] * local_tau_d
+        else:
+            grad_weight += scale[k] * dout_tau_d
+    if LOCAL_SUMS:
+        dout_sum = _load_row(local_sums_ptr + 2 * K * C, 0, c, C, 0.0, ACC)
+    else:
+        dout_sum = tl.zeros([BLOCK_C], ACC)
+        row = partials_ptr + 2 * K * C
+        for _ in range(num_partials):
+            dout_sum += _load_row(row, 0, c, C, 0.0, ACC)
+            row += (2 * K + 1) * C
     _store_row(grad_weight_ptr, 0, c, C, grad_weight)
     _store_row(grad_bias_ptr, 0, c, C, dout_sum)
     if not MIXTURE_GRAD:

@@ -207,13 +207,18 @@ def launch_eval_forward(x, mu, log_sigma, mix_logits, mean, var, weight, bias, e
     return out
 
 
-def launch_backward(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, eps, mixture_grad):
+def launch_backward(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, eps, mixture_grad,
+                    reduce_sums=None):
     """Gradients of the training (``mass`` given) or eval forward: four launches in training, three in eval,
     one fewer without ``mixture_grad``.
 
     Training: reduction pass, statistics' gradients, elementwise pass,
     mixture gradients. Eval: the elementwise pass also makes the reduction's
     sums (the statistics are constants, so ``dx`` needs none first).
+    ``reduce_sums = (sums, local_sums)`` (training only,
+    ``uan::triton_backward_elementwise``): the reduction pass's sums are given,
+    the whole batch's and this input's (see :func:`launch_backward_elementwise`),
+    and the reduction pass does not run.
     """
     _check_launch(x, mu)
     training = mass is not None
@@ -236,14 +241,19 @@ def launch_backward(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, m
     finalize = dict(K=K, BLOCK_C=finalize_block, EPS=eps, ACC=_triton_dtype(acc))
 
     # Per-program partial sums; every program writes its rows in full.
-    stat_partials = torch.empty((programs, 2 * K + 1, C), dtype=acc, device=x.device)
+    if reduce_sums is None:
+        stat_partials, num_stat_partials, local_sums, local_dvar = (
+            torch.empty((programs, 2 * K + 1, C), dtype=acc, device=x.device), programs, None, dvar)
+    else:
+        (stat_partials, local_sums), num_stat_partials = _params(*reduce_sums), 1
+        local_dvar = torch.empty_like(dvar)
     mixture_partials = torch.empty((programs, 3, K, C), dtype=acc, device=x.device) if mixture_grad else None
 
     def statistic_gradients():
         kernels._statistic_gradients_kernel[finalize_grid](
-            stat_partials, mix_logits, var, weight, dmean, dvar, grad_weight, grad_bias,
-            grad_mu, grad_log_sigma, grad_mix_logits, programs, C,
-            HAS_WEIGHT=weight is not None, MIXTURE_GRAD=mixture_grad, **finalize,
+            stat_partials, local_sums, mix_logits, var, weight, dmean, dvar, local_dvar, grad_weight, grad_bias,
+            grad_mu, grad_log_sigma, grad_mix_logits, num_stat_partials, C,
+            HAS_WEIGHT=weight is not None, MIXTURE_GRAD=mixture_grad, LOCAL_SUMS=local_sums is not None, **finalize,
         )
 
     def elementwise():
@@ -258,11 +268,8 @@ def launch_backward(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, m
 
     with _on_device(x):
         if training:
-            if programs:
-                kernels._backward_reduce_kernel[tiles.grid](
-                    x3, dout3, mu, log_sigma, mix_logits, mean, stat_partials,
-                    *shape_args, *tiles.kernel_args(), **launch,
-                )
+            if programs and reduce_sums is None:
+                _launch_backward_reduce(x3, dout3, mu, log_sigma, mix_logits, mean, stat_partials, tiles, acc)
             statistic_gradients()
             elementwise()
         else:
@@ -270,9 +277,60 @@ def launch_backward(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, m
             statistic_gradients()
         if mixture_grad:
             kernels._mixture_gradients_kernel[(1,)](
-                mixture_partials, log_sigma, mix_logits, var, dvar, grad_mu, grad_log_sigma, grad_mix_logits,
+                mixture_partials, log_sigma, mix_logits, var, local_dvar, grad_mu, grad_log_sigma, grad_mix_logits,
                 programs, C, **finalize,
             )
     if scratch:
         grad_input.copy_(dx3.view(grad_input.shape))
     return grad_input, grad_mu, grad_log_sigma, grad_mix_logits, grad_weight, grad_bias, dmean, dvar
+
+
+def _launch_backward_reduce(x3, dout3, mu, log_sigma, mix_logits, mean, partials, tiles, acc):
+    """The training backward's reduction pass: per program ``(2K+1, C)`` sums about ``mean`` into ``partials``."""
+    K, C = mu.shape
+    N, _, L = x3.shape
+    kernels._backward_reduce_kernel[tiles.grid](
+        x3, dout3, mu, log_sigma, mix_logits, mean, partials,
+        N, C, L, *x3.stride(), *dout3.stride(), *tiles.kernel_args(),
+        K=K, ACC=_triton_dtype(acc), **tiles.kernel_meta(),
+    )
+
+
+def launch_backward_reduce(grad_out, x, mu, log_sigma, mix_logits, mean):
+    """The training backward's reduction pass and its float64 totals, ``(2K+1, C)``: two launches (none when empty).
+
+    Rows ``k``: ``sum dout tau_k``; rows ``K + k``: ``sum dout tau_k (x - mean_k)``; row ``2K``: ``sum dout``.
+    """
+    _check_launch(x, mu)
+    acc = compute_dtype(x.dtype)
+    K, C = mu.shape
+    mu, log_sigma, mix_logits, mean = _params(mu, log_sigma, mix_logits, mean)
+    if x.numel() == 0:
+        return torch.zeros((2 * K + 1, C), dtype=torch.float64, device=x.device)
+    x3 = _input_ncl(x)
+    tiles = geometry.tile_geometry(x3, K)
+    partials = torch.empty((tiles.programs, 2 * K + 1, C), dtype=acc, device=x.device)
+    sums = torch.empty((2 * K + 1, C), dtype=torch.float64, device=x.device)
+    size = sums.numel()
+    block = min(_FINALIZE_BLOCK, triton.next_power_of_2(size))
+    with _on_device(x):
+        _launch_backward_reduce(x3, _input_ncl(grad_out), mu, log_sigma, mix_logits, mean, partials, tiles, acc)
+        kernels._partials_total_kernel[(cdiv(size, block),)](partials, sums, tiles.programs, size, BLOCK=block)
+    return sums
+
+
+def launch_backward_elementwise(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, sums, local_sums,
+                                eps, mixture_grad):
+    """The training backward after its reduction pass, from given ``(2K+1, C)`` reduction sums: three launches,
+    two without ``mixture_grad``.
+
+    ``sums`` (the whole batch's, every process's) give ``grad_input``;
+    ``local_sums`` (this input's) give ``grad_weight``, ``grad_bias`` and the
+    direct term of ``d mix_logits``, so that the processes' parameter
+    gradients add up to the whole batch's.
+    """
+    op = "uan::triton_backward_elementwise"
+    for name, t in (("sums", sums), ("local_sums", local_sums)):
+        _check_sums(op, name, t, mu, (2 * mu.shape[0] + 1, mu.shape[1]))
+    return launch_backward(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, eps, mixture_grad,
+                           reduce_sums=(sums, local_sums))[:6]

@@ -13,6 +13,8 @@ from .. import reference
 from ..reference import compute_dtype
 from .launch import (
     launch_backward,
+    launch_backward_elementwise,
+    launch_backward_reduce,
     launch_eval_forward,
     launch_statistics,
     launch_statistics_finalize,
@@ -92,6 +94,53 @@ def _triton_statistics(x: Tensor, mu: Tensor, log_sigma: Tensor, mix_logits: Ten
 def _triton_statistics_finalize(sums: Tensor, mu: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """``(mean, var, mass)`` in ``mu``'s dtype from ``(3, K, C)`` sums about ``mu``."""
     return launch_statistics_finalize(sums, mu)
+
+
+@torch.library.custom_op("uan::triton_backward_reduce", mutates_args=())
+def _triton_backward_reduce(
+    grad_out: Tensor, x: Tensor, mu: Tensor, log_sigma: Tensor, mix_logits: Tensor, mean: Tensor
+) -> Tensor:
+    """The training backward's reduction pass: float64 ``(2K+1, C)`` sums about the batch means ``mean``."""
+    return launch_backward_reduce(grad_out, x, mu, log_sigma, mix_logits, mean)
+
+
+@torch.library.custom_op("uan::triton_backward_elementwise", mutates_args=())
+def _triton_backward_elementwise(
+    grad_out: Tensor,
+    x: Tensor,
+    mu: Tensor,
+    log_sigma: Tensor,
+    mix_logits: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    mass: Tensor,
+    sums: Tensor,
+    local_sums: Tensor,
+    eps: float,
+    mixture_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The training backward after its reduction pass, from the whole batch's and this input's reduction sums."""
+    return launch_backward_elementwise(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, sums,
+                                       local_sums, eps, mixture_grad)
+
+
+@_triton_backward_reduce.register_fake
+def _(grad_out, x, mu, log_sigma, mix_logits, mean):
+    return x.new_empty((2 * mu.shape[0] + 1, mu.shape[1]), dtype=torch.float64)
+
+
+@_triton_backward_elementwise.register_fake
+def _(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var, mass, sums, local_sums, eps, mixture_grad):
+    channels = mu.shape[1]
+    return (
+        torch.empty_like(x),
+        torch.empty_like(mu),
+        torch.empty_like(log_sigma),
+        torch.empty_like(mix_logits),
+        mu.new_empty((channels,)),
+        mu.new_empty((channels,)),
+    )
 
 
 @_triton_statistics.register_fake
@@ -344,3 +393,45 @@ def statistics(x: Tensor, mu: Tensor, log_sigma: Tensor, mix_logits: Tensor) -> 
 def statistics_finalize(sums: Tensor, mu: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """``(mean, var, mass)`` of SPEC's training forward from :func:`statistics`' sums (``uan::triton_statistics_finalize``)."""
     return torch.ops.uan.triton_statistics_finalize(sums, mu)
+
+
+def normalize(
+    x: Tensor,
+    mu: Tensor,
+    log_sigma: Tensor,
+    mix_logits: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """The normalize pass (``uan::triton_forward_eval``) with ``(mean, var)`` from :func:`statistics_finalize`."""
+    return torch.ops.uan.triton_forward_eval(x, mu, log_sigma, mix_logits, mean, var, weight, bias, float(eps))
+
+
+def backward_reduce(grad_out: Tensor, x: Tensor, mu: Tensor, log_sigma: Tensor, mix_logits: Tensor,
+                    mean: Tensor) -> Tensor:
+    """The training backward's reduction pass (``uan::triton_backward_reduce``), as :func:`uan_kernels.ops.backward_reduce`."""
+    return torch.ops.uan.triton_backward_reduce(grad_out, x, mu, log_sigma, mix_logits, mean)
+
+
+def backward_elementwise(
+    grad_out: Tensor,
+    x: Tensor,
+    mu: Tensor,
+    log_sigma: Tensor,
+    mix_logits: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    mass: Tensor,
+    sums: Tensor,
+    local_sums: Tensor,
+    eps: float = 1e-5,
+    mixture_grad: bool = True,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The training backward after its reduction pass (``uan::triton_backward_elementwise``), as
+    :func:`uan_kernels.ops.backward_elementwise`."""
+    return torch.ops.uan.triton_backward_elementwise(grad_out, x, mu, log_sigma, mix_logits, weight, mean, var,
+                                                     mass, sums, local_sums, float(eps), mixture_grad)
