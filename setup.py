@@ -75,7 +75,8 @@ def extension():
     if capability not in CPU_CAPABILITY_FLAGS:
         raise SystemExit(f"UAN_CPU_CAPABILITY must be one of {sorted(CPU_CAPABILITY_FLAGS)}, got {capability!r}")
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wno-maybe-uninitialized", *CPU_CAPABILITY_FLAGS[capability]]
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas",
+                 *CPU_CAPABILITY_FLAGS[capability]]
     common = {"include_dirs": [os.path.join(HERE, CSRC)], "py_limited_api": False}
     if parallel_backend_is_openmp():
         # at::parallel_for is inline: without -fopenmp it compiles to a serial
