@@ -176,6 +176,35 @@ def test_gradient_flows_to_input_and_affine_not_to_mixture():
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("em_every", [1, 2])
+def test_checkpointing_gives_the_gradients_and_updates_of_no_checkpointing(em_every, use_reentrant):
+    """The recomputation (inside the backward pass) normalises with the fit the
+    first forward stored: no second EM on another random subsample, no second
+    running-statistics update or step count."""
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), make(6, em_every=em_every,
+                                                                          em_samples=50), torch.nn.ReLU())
+    x = torch.randn(4, 3, 6, 6, requires_grad=True)
+    block(x)  # fitted; with em_every=2 the next step reuses the fit
+    start = snapshot(block)
+
+    def step(run):
+        block.load_state_dict(start)
+        x.grad = None
+        block.zero_grad()
+        torch.manual_seed(1)  # the same subsample for EM in both steps
+        run().square().sum().backward()
+        return [x.grad.clone(), *(p.grad.clone() for p in block.parameters())], snapshot(block)
+
+    plain, after_plain = step(lambda: block(x))
+    checkpointed, after_checkpointed = step(
+        lambda: torch.utils.checkpoint.checkpoint(block, x, use_reentrant=use_reentrant))
+    for got, want in zip(checkpointed, plain):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert_state_equal(block, after_plain)
+
+
 def test_state_dict_round_trip_preserves_fit_and_step_counter():
     torch.manual_seed(0)
     kwargs = {"em_every": 2, "em_samples": 50}

@@ -284,23 +284,45 @@ def test_available_backends_lists_cpu_backends():
 
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_checkpointing_gives_the_gradients_of_no_checkpointing(backend, use_reentrant):
-    """update='weight' (the running statistics are not read in training, so a
-    recomputed forward is the same function)."""
+@pytest.mark.parametrize("update", ["weight", "moving_average"])
+def test_checkpointing_gives_the_gradients_and_updates_of_no_checkpointing(update, backend, use_reentrant):
+    """The recomputed forward runs inside the backward pass: it normalises with
+    the mixture the step's first forward used and updates no estimate, so one
+    checkpointed step leaves every gradient and buffer as one plain step."""
     torch.manual_seed(0)
-    block = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), UAN(6, 3, backend=backend), nn.ReLU())
+    block = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), UAN(6, 3, update=update, backend=backend), nn.ReLU())
     x = torch.randn(4, 3, 6, 6, requires_grad=True)
+    start = snapshot(block)
 
-    def gradients(run):
+    def step(run):
+        block.load_state_dict(start)
         x.grad = None
         block.zero_grad()
         run().square().sum().backward()  # reentrant checkpointing supports backward(), not autograd.grad
-        return [x.grad.clone(), *(p.grad.clone() for p in block.parameters())]
+        return [x.grad.clone(), *(p.grad.clone() for p in block.parameters())], snapshot(block)
 
-    plain = gradients(lambda: block(x))
-    checkpointed = gradients(lambda: torch.utils.checkpoint.checkpoint(block, x, use_reentrant=use_reentrant))
+    plain, after_plain = step(lambda: block(x))
+    checkpointed, after_checkpointed = step(
+        lambda: torch.utils.checkpoint.checkpoint(block, x, use_reentrant=use_reentrant))
     for got, want in zip(checkpointed, plain):
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert_state_equal(block, after_plain)
+    assert not all(torch.equal(after_plain[k], start[k]) for k in start)  # the step did update the estimates
+
+
+def test_a_function_transform_leaves_no_wrapped_mixture_on_the_module():
+    """torch.func cannot run checkpointing, so a training forward under its
+    transforms keeps nothing for a recomputation: a wrapper would outlive it."""
+    from torch.func import functional_call, grad
+
+    layer = UAN(4, 3, update="moving_average", dtype=torch.float64)
+    x = make_input((4, 4, 5))
+    buffers = {k: v.clone() for k, v in layer.named_buffers()}
+    grad(lambda x: functional_call(layer, buffers, (x,)).square().sum())(x)
+    assert layer._mixture_of_last_step is None
+    before = (layer.mu.clone(), layer.log_sigma.clone(), layer.mix_logits.clone())
+    layer(x)  # outside the transform the training forward keeps the mixture it used
+    assert all(torch.equal(kept, used) for kept, used in zip(layer._mixture_of_last_step, before))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])

@@ -147,6 +147,27 @@ def test_compile_fullgraph_small_cnn(update):
     assert_compiled_training_matches_eager(model, torch.randn(4, 3, 8, 8), fullgraph=True)
 
 
+class Checkpointed(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+
+
+@pytest.mark.parametrize("update,fullgraph", [("weight", True), ("moving_average", False)])
+def test_compile_of_a_checkpointed_model_matches_eager(update, fullgraph):
+    """Compiled around the checkpoint, the recomputation happens in eager code
+    (a graph break, moving-average mode) or inside the compiled backward, and
+    gives the eager step's gradients and estimates (which equal no
+    checkpointing's, see test_modules)."""
+    torch.manual_seed(0)
+    model = Checkpointed(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),
+                                       uan_kernels.UAN(8, 3, update=update, backend="cpp"), nn.ReLU()))
+    assert_compiled_training_matches_eager(model, torch.randn(4, 3, 8, 8), fullgraph=fullgraph)
+
+
 @pytest.mark.parametrize(
     "mutate,message",
     [

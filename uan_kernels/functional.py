@@ -7,7 +7,7 @@ the forward has succeeded, so a raised error leaves every buffer untouched).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -185,9 +185,18 @@ def check_values_per_channel(num_values: int, what: str) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got {what}")
 
 
-def training_mixture(mu: Tensor, log_sigma: Tensor, mix_logits: Tensor, update: str):
-    """The mixture a training forward runs with: a copy when the update rewrites the buffers afterwards."""
-    if update == "moving_average":
+def in_backward_recomputation() -> bool:
+    """Whether this call runs inside a backward pass, as the recomputed forward
+    of activation checkpointing does (``torch.utils.checkpoint``, reentrant or
+    not). A training forward there updates no running estimate: the first
+    forward of the step already has. False while ``torch.compile`` traces (the
+    answer would be frozen into the graph)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+def training_mixture(mu: Tensor, log_sigma: Tensor, mix_logits: Tensor, update: str, updates: bool):
+    """The mixture a training forward runs with: a copy when the update (``updates``) rewrites the buffers afterwards."""
+    if updates and update == "moving_average":
         # The update rewrites the buffers in place; autograd must see the
         # mixture this forward used. An arithmetic copy, not clone():
         # torch.compile drops a clone of an input it later mutates and would
@@ -259,7 +268,32 @@ def uan(
     Statistics are used as in ``F.batch_norm``: batch statistics in training,
     and in eval the running statistics (``update="weight"``; batch statistics
     if none are given) or the mixture itself (``update="moving_average"``).
+    A training call inside a backward pass (activation checkpointing's
+    recomputation, see :func:`in_backward_recomputation`) updates nothing.
     """
+    return uan_and_mixture(input, mu, log_sigma, mix_logits, weight, bias, running_mean, running_var, training,
+                           momentum, eps, update, backend)[0]
+
+
+def uan_and_mixture(
+    input: Tensor,
+    mu: Tensor,
+    log_sigma: Tensor,
+    mix_logits: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    update: str = "weight",
+    backend: str = "auto",
+) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor]]:
+    """:func:`uan`, also returning the ``(mu, log_sigma, mix_logits)`` the
+    normalisation used: in a moving-average training step that updates the
+    buffers, copies taken before the update (what a recomputation of this
+    step must normalise with); otherwise the arguments themselves."""
     impl = resolve_call(input, mu, log_sigma, mix_logits, weight, bias, running_mean, running_var, training,
                         momentum, eps, update, backend)
     num_values = values_per_channel(input)
@@ -267,21 +301,23 @@ def uan(
         check_values_per_channel(num_values, f"input size {tuple(input.shape)}")
     eps = float(eps)
 
+    mixture = (mu, log_sigma, mix_logits)
     if training and num_values == 0:
         # As BatchNorm: an empty batch gives an empty output and updates nothing.
-        return impl.train(input, mu, log_sigma, mix_logits, weight, bias, eps)[0]
+        return impl.train(input, *mixture, weight, bias, eps)[0], mixture
     if training or (update == "weight" and running_mean is None):
         # (Outside training only update="weight" gets here.)
-        mixture = training_mixture(mu, log_sigma, mix_logits, update)
+        updates = training and not in_backward_recomputation()
+        mixture = training_mixture(mu, log_sigma, mix_logits, update, updates)
         out, mean, var, mass = impl.train(input, *mixture, weight, bias, eps)
-        if training:
+        if updates:
             update_estimates_(impl, mu, log_sigma, mix_logits, running_mean, running_var, mean, var, mass,
                               num_values, momentum, update)
-        return out
+        return out, mixture
     if update == "weight":
         stat_mean, stat_var = running_mean, running_var
     elif hasattr(impl, "eval_mixture"):
-        return impl.eval_mixture(input, mu, log_sigma, mix_logits, weight, bias, eps)
+        return impl.eval_mixture(input, *mixture, weight, bias, eps), mixture
     else:
         stat_mean, stat_var = mu.detach(), torch.exp(2.0 * log_sigma.detach())
-    return impl.eval(input, mu, log_sigma, mix_logits, stat_mean, stat_var, weight, bias, eps)
+    return impl.eval(input, *mixture, stat_mean, stat_var, weight, bias, eps), mixture

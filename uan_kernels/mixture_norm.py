@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _backends, reference
-from .functional import check_config, check_inputs, uan, values_per_channel
+from .functional import check_config, check_inputs, in_backward_recomputation, uan, values_per_channel
 from .modules import _check_positive_int
 from .reference import compute_dtype
 
@@ -428,8 +428,10 @@ class MixtureNorm(nn.Module):
         has succeeded, so a raised error leaves every buffer unchanged.
         """
         self._check_input(input, self.training)
-        if not self.training:
-            return self._normalize(input, self.mu, self.log_sigma, self.mix_logits, training=False)
+        if not self.training or in_backward_recomputation():
+            # A checkpointed step's recomputation normalises with the fit its
+            # first forward stored, and refits and counts nothing.
+            return self._normalize(input, self.mu, self.log_sigma, self.mix_logits, training=self.training)
         refit = not bool(self.fitted) or int(self.num_batches_tracked) % self.em_every == 0
         mixture = self._fit(input) if refit else (self.mu, self.log_sigma, self.mix_logits)
         out = self._normalize(input, *mixture, training=True)

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _backends
-from .functional import check_config, uan
-from .sync import sync_uan
+from .functional import check_config, in_backward_recomputation, uan_and_mixture
+from .sync import sync_uan_and_mixture
 
 SIGMA_INITS = ("authors", "paper")
 
@@ -18,6 +18,13 @@ SIGMA_INITS = ("authors", "paper")
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _storable(t: Tensor) -> bool:
+    """Whether ``t`` may outlive this call: not a torch.func transform's
+    wrapper, which is dead once the transform returns (checkpointing cannot
+    run under those transforms, so nothing would read it)."""
+    return torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 class UAN(nn.Module):
@@ -113,6 +120,9 @@ class UAN(nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
         self.reset_parameters()
+        # The mixture the last training forward normalised with (moving-average
+        # mode: copies taken before its EM step), for checkpointing's recomputation.
+        self._mixture_of_last_step: Optional[Tuple[Tensor, Tensor, Tensor]] = None
 
     def reset_running_stats(self) -> None:
         if self.running_mean is not None:
@@ -137,11 +147,27 @@ class UAN(nn.Module):
             self.bias.zero_()
 
     def forward(self, input: Tensor) -> Tensor:
-        return uan(
+        """Normalise ``input``; in training, update the running estimates.
+
+        Under activation checkpointing the recomputed training forward, which
+        runs inside the backward pass, normalises with the mixture the step's
+        first forward used and updates nothing, so both give the gradients
+        and estimates of no checkpointing.
+        """
+        mixture = (self.mu, self.log_sigma, self.mix_logits)
+        recomputation = self.training and in_backward_recomputation()
+        if recomputation and self.update == "moving_average" and self._mixture_of_last_step is not None:
+            mixture = self._mixture_of_last_step
+        out, used = self._normalize_and_mixture(input, mixture)
+        if self.training and self.update == "moving_average" and not recomputation and _storable(used[0]):
+            self._mixture_of_last_step = tuple(t.detach() for t in used)
+        return out
+
+    def _normalize_and_mixture(self, input: Tensor, mixture: Tuple[Tensor, Tensor, Tensor]):
+        """The normalisation with ``mixture``, and the mixture it used (functional.uan_and_mixture)."""
+        return uan_and_mixture(
             input,
-            self.mu,
-            self.log_sigma,
-            self.mix_logits,
+            *mixture,
             self.weight,
             self.bias,
             self.running_mean,
@@ -185,12 +211,10 @@ class SyncUAN(UAN):
         super().__init__(num_features, num_components, **uan_kwargs)
         self.process_group = process_group
 
-    def forward(self, input: Tensor) -> Tensor:
-        return sync_uan(
+    def _normalize_and_mixture(self, input: Tensor, mixture: Tuple[Tensor, Tensor, Tensor]):
+        return sync_uan_and_mixture(
             input,
-            self.mu,
-            self.log_sigma,
-            self.mix_logits,
+            *mixture,
             self.weight,
             self.bias,
             self.running_mean,

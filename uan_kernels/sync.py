@@ -28,9 +28,10 @@ from torch import Tensor
 from . import reference
 from .functional import (
     check_values_per_channel,
+    in_backward_recomputation,
     resolve_call,
     training_mixture,
-    uan,
+    uan_and_mixture,
     update_estimates_,
     values_per_channel,
 )
@@ -158,13 +159,38 @@ def sync_uan(
     The global number of values per channel is read on the host (one
     device-to-host copy per call): the updates need it as a number.
     """
+    return sync_uan_and_mixture(input, mu, log_sigma, mix_logits, weight, bias, running_mean, running_var, training,
+                                momentum, eps, update, backend, process_group)[0]
+
+
+def sync_uan_and_mixture(
+    input: Tensor,
+    mu: Tensor,
+    log_sigma: Tensor,
+    mix_logits: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    update: str = "weight",
+    backend: str = "auto",
+    process_group=None,
+):
+    """:func:`sync_uan`, also returning the mixture it normalised with, as
+    :func:`uan_kernels.functional.uan_and_mixture` does."""
     if not (training and synchronizes(process_group)):
-        return uan(input, mu, log_sigma, mix_logits, weight, bias, running_mean, running_var, training, momentum,
-                   eps, update, backend)
+        return uan_and_mixture(input, mu, log_sigma, mix_logits, weight, bias, running_mean, running_var, training,
+                               momentum, eps, update, backend)
     impl = resolve_call(input, mu, log_sigma, mix_logits, weight, bias, running_mean, running_var, training,
                         momentum, eps, update, backend)
     eps = float(eps)
-    mixture = training_mixture(mu, log_sigma, mix_logits, update)
+    # A checkpointed step's recomputation runs the collectives again on every
+    # process, but updates nothing.
+    updates = not in_backward_recomputation()
+    mixture = training_mixture(mu, log_sigma, mix_logits, update, updates)
     if impl.passes is None:
         out, mean, var, mass, count = _reference_training(input, *mixture, weight, bias, eps, process_group)
     else:
@@ -173,8 +199,8 @@ def sync_uan(
     num_values = int(count.item())
     # The same count on every process: all raise, or none.
     check_values_per_channel(num_values, "1 value per channel in the whole process group")
-    if num_values > 0:
+    if num_values > 0 and updates:
         # As BatchNorm: an empty (global) batch updates nothing.
         update_estimates_(impl, mu, log_sigma, mix_logits, running_mean, running_var, mean, var, mass, num_values,
                           momentum, update)
-    return out
+    return out, mixture
