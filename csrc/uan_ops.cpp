@@ -63,6 +63,16 @@ TORCH_LIBRARY(uan, m) {
       "Tensor? weight, Tensor mean, Tensor var, Tensor mass, Tensor sums, Tensor local_sums, float eps, "
       "bool mixture_grads) -> (Tensor grad_input, Tensor grad_mu, Tensor grad_log_sigma, Tensor grad_mix_logits, "
       "Tensor grad_weight, Tensor grad_bias)");
+  // MixtureNorm's EM: the M-step from a statistics pass's sums about pivot
+  // (the mu that pass was given), with prev_mean/prev_var kept where a
+  // component's mass is at most min_mass and variances floored at var_floor
+  // (C,). Returns the float64 mean, var and weight_k = max(sum_c mass, min_weight)
+  // (unnormalised mixing weights) and the next pass's mu, log_sigma and
+  // mix_logits = log(weight) in pivot's dtype. CPU only (uan_kernels/mixture_norm.py).
+  m.def(
+      "em_m_step(Tensor sums, Tensor pivot, Tensor prev_mean, Tensor prev_var, Tensor var_floor, float min_mass, "
+      "float min_weight) -> (Tensor mean, Tensor var, Tensor weight, Tensor mu, Tensor log_sigma, "
+      "Tensor mix_logits)");
   // update="moving_average": one online EM step of the mixture buffers from a
   // training forward's (K, C) mean, var and mass, in place, in float64 (SPEC).
   m.def(

@@ -471,6 +471,54 @@ def test_m_step_from_sums_is_the_plain_m_step():
     assert (var[:, 1] == floor[1]).any()  # and a component of channel 1 sits on the floor
 
 
+def em_m_step_arguments(pivot_dtype):
+    """Arguments of ``uan::em_m_step`` on :func:`em_problem`'s sums: a live component, one
+    below ``_MIN_MASS`` (channel 2, component 2) and floored variances (channel 1)."""
+    x, mean, var, lam = em_problem()
+    values = mixture_norm._channel_values(x)
+    pivot = mean.to(pivot_dtype)
+    sums = plain_sums(values, pivot.double(), var, lam)
+    floor = 0.05 * values.var(1, unbiased=False)  # above two of channel 1's component variances
+    min_weight = mixture_norm._MIN_MIXING_WEIGHT * values.numel()
+    return sums, pivot, mean + 0.25, var * 2.0, floor, mixture_norm._MIN_MASS, min_weight
+
+
+@pytest.mark.parametrize("pivot_dtype", [torch.float32, torch.float64])
+def test_cpp_em_m_step_is_the_pytorch_m_step(pivot_dtype):
+    args = em_m_step_arguments(pivot_dtype)
+    got = torch.ops.uan.em_m_step(*args)
+    expected = mixture_norm._m_step_and_parameters(*args)
+    for name, a, b in zip(("mean", "var", "weight", "mu", "log_sigma", "mix_logits"), got, expected):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15, msg=name)
+    mean, var = got[:2]
+    sums, _, prev_mean, prev_var, floor = args[:5]
+    assert sums[0, 2, 2] <= mixture_norm._MIN_MASS
+    assert mean[2, 2] == prev_mean[2, 2] and var[2, 2] == prev_var[2, 2]  # kept by the empty component
+    assert (var[:, 1] == floor[1]).any()  # a floored variance
+    assert mixture_norm._m_step_for(torch.device("cpu")) is torch.ops.uan.em_m_step
+
+
+def test_cpp_em_m_step_opcheck():
+    torch.library.opcheck(torch.ops.uan.em_m_step.default, em_m_step_arguments(torch.float32))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: (a[0].float(), *a[1:]), "sums must be float64"),
+    (lambda a: (a[0][:, :2], *a[1:]), "sums must have shape"),
+    (lambda a: (a[0], a[1].half(), *a[2:]), "pivot must be float32 or float64"),
+    (lambda a: (a[0], a[1][0], *a[2:]), r"pivot must have shape \(K, C\)"),
+    (lambda a: (*a[:2], a[2].float(), *a[3:]), "prev_mean must be float64"),
+    (lambda a: (*a[:3], a[3][:, :2], *a[4:]), "prev_var must have shape"),
+    (lambda a: (*a[:4], a[4].expand(3, 3), *a[5:]), "var_floor must have shape"),
+    (lambda a: (*a[:5], 0.0, a[6]), "min_mass must be positive"),
+    (lambda a: (*a[:6], math.nan), "min_weight must be positive"),
+])
+def test_cpp_em_m_step_rejects_bad_arguments(change, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.uan.em_m_step(*change(em_m_step_arguments(torch.float64)))
+
+
 @pytest.mark.parametrize("subsample", [False, True], ids=["full_batch", "subsample"])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
@@ -495,6 +543,13 @@ def test_fused_em_matches_plain_em_over_iterations(device, backend, subsample):
         floored += int((plain[1] == floor).sum())
     assert fused[0][2, 2] == 9.0 and fused[1][2, 2] == 1.0
     assert floored > 0
+
+
+def test_fused_em_with_the_pytorch_m_step_matches_plain_em(monkeypatch):
+    """The M-step of devices without ``uan::em_m_step`` (CUDA), run here on CPU."""
+    monkeypatch.setattr(_backends, "has_fused_em_m_step", lambda device: False)
+    assert mixture_norm._m_step_for(torch.device("cpu")) is mixture_norm._m_step_and_parameters
+    test_fused_em_matches_plain_em_over_iterations("cpu", "cpp", subsample=True)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])

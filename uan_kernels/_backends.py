@@ -107,6 +107,12 @@ def has_fused_moving_average_update(device: torch.device) -> bool:
     return backend is not None and backend.module.has_kernel(device.type)
 
 
+def has_fused_em_m_step(device: torch.device) -> bool:
+    """Whether ``torch.ops.uan.em_m_step`` (MixtureNorm's M-step in one call) runs on ``device``: CPU builds."""
+    backend, _ = _load("cpp")
+    return backend is not None and device.type == "cpu"
+
+
 def check_available(name: str) -> None:
     """Raise at construction time when an explicitly requested backend cannot load."""
     check_backend_name(name)

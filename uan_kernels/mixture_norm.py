@@ -181,12 +181,12 @@ def _channel_variance_from_sums(sums: Tensor, pivot: Tensor, count: int) -> Tens
 
 
 def _m_step_from_sums(sums: Tensor, pivot: Tensor, prev_mean: Tensor, prev_var: Tensor, var_floor: Tensor,
-                      min_weight: float) -> Tuple[Tensor, Tensor, Tensor]:
+                      min_weight: float, min_mass: float = _MIN_MASS) -> Tuple[Tensor, Tensor, Tensor]:
     """:func:`_m_step` from the E-step's float64 ``(3, K, C)`` sums about ``pivot``.
 
     ``sums`` holds ``sum tau``, ``sum tau (x - pivot)`` and ``sum tau (x - pivot)^2``
     per (k, c). The same rules as the plain M-step, on ``(K, C)`` tensors: a
-    component with at most ``_MIN_MASS`` keeps its previous mean and variance,
+    component with at most ``min_mass`` keeps its previous mean and variance,
     variances are floored, mixing weights are pooled over channels. Returns
     ``(mean, var, weight)`` with ``weight_k = max(sum_c mass_kc, min_weight)``:
     the plain M-step's ``lam`` times the number of values (``min_weight`` is
@@ -194,8 +194,8 @@ def _m_step_from_sums(sums: Tensor, pivot: Tensor, prev_mean: Tensor, prev_var: 
     is ``lam``. Few tensor ops: each costs microseconds whatever its size.
     """
     mass, shifted_sum, shifted_square_sum = sums.unbind(0)
-    alive = mass > _MIN_MASS
-    denom = mass.clamp_min(_MIN_MASS)
+    alive = mass > min_mass
+    denom = mass.clamp_min(min_mass)
     shift = shifted_sum / denom
     # sum tau (x - m)^2 / S with m = pivot + shift, from the sums about the pivot.
     var = torch.addcmul(shifted_square_sum / denom, shift, shift, value=-1.0)
@@ -204,11 +204,32 @@ def _m_step_from_sums(sums: Tensor, pivot: Tensor, prev_mean: Tensor, prev_var: 
     return mean, var, mass.sum(1).clamp_min_(min_weight)
 
 
+# An M-step from the statistics pass's sums that also returns the next pass's
+# parameters: (sums, pivot, prev_mean, prev_var, var_floor, min_mass, min_weight)
+# -> (mean, var, weight, mu, log_sigma, mix_logits), as uan::em_m_step.
+MStep = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float, float], Tuple[Tensor, ...]]
+
+
+def _m_step_and_parameters(sums: Tensor, pivot: Tensor, prev_mean: Tensor, prev_var: Tensor, var_floor: Tensor,
+                           min_mass: float, min_weight: float) -> Tuple[Tensor, ...]:
+    """``uan::em_m_step`` in PyTorch: :func:`_m_step_from_sums` and the next pass's
+    ``(mu, log_sigma, mix_logits)`` in ``pivot``'s dtype (the M-step on devices without the C++ op)."""
+    mean, var, weight = _m_step_from_sums(sums, pivot.to(torch.float64), prev_mean, prev_var, var_floor, min_weight,
+                                          min_mass)
+    dtype = pivot.dtype
+    return mean, var, weight, mean.to(dtype), torch.log(var).mul_(0.5).to(dtype), torch.log(weight).to(dtype)
+
+
+def _m_step_for(device: torch.device) -> MStep:
+    """The C++ M-step (one call instead of about twenty small tensor ops) where it runs, else PyTorch's."""
+    return torch.ops.uan.em_m_step if _backends.has_fused_em_m_step(device) else _m_step_and_parameters
+
+
 def _fused_em(statistics: StatisticsPass, data: Tensor, mean: Tensor, var: Tensor, lam: Tensor,
               var_floor: Optional[Tensor], iterations: int,
               param_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
     """``iterations`` EM iterations, each one statistics pass over ``data`` (the E-step and
-    the sums of the M-step) and O(K*C) float64 updates; returns float64 ``(mean, var, lam)``.
+    the sums of the M-step) and one M-step on O(K*C) float64 values; returns float64 ``(mean, var, lam)``.
 
     ``statistics(data, mu, log_sigma, mix_logits)`` is a backend's fused pass, called
     with the mixture in ``param_dtype``; its sums are about that ``mu``. A
@@ -219,14 +240,15 @@ def _fused_em(statistics: StatisticsPass, data: Tensor, mean: Tensor, var: Tenso
     var_floor = None if var_floor is None else var_floor.to(torch.float64)
     count = values_per_channel(data)
     min_weight = _MIN_MIXING_WEIGHT * count * data.shape[1]
+    m_step = _m_step_for(data.device)
+    mu = mean.to(param_dtype)
+    log_sigma = torch.log(var).mul_(0.5).to(param_dtype)
+    mix_logits = torch.log(weight).to(param_dtype)
     for _ in range(iterations):
-        mu = mean.to(param_dtype)
-        log_sigma = torch.log(var).mul_(0.5).to(param_dtype)
-        sums = statistics(data, mu, log_sigma, torch.log(weight).to(param_dtype))
-        pivot = mu.to(torch.float64)
+        sums = statistics(data, mu, log_sigma, mix_logits)
         if var_floor is None:
-            var_floor = _variance_floor(_channel_variance_from_sums(sums, pivot, count))
-        mean, var, weight = _m_step_from_sums(sums, pivot, mean, var, var_floor, min_weight)
+            var_floor = _variance_floor(_channel_variance_from_sums(sums, mu.to(torch.float64), count))
+        mean, var, weight, mu, log_sigma, mix_logits = m_step(sums, mu, mean, var, var_floor, _MIN_MASS, min_weight)
     return mean, var, weight / weight.sum()
 
 

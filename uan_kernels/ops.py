@@ -18,6 +18,9 @@ defines the schemas and the CPU (and, when built with CUDA, CUDA) kernels:
   and ``uan::backward_elementwise(grad_output, input, mu, log_sigma, mix_logits, weight?, mean, var, mass,
   sums, local_sums, eps, mixture_grads) -> (grad_input, grad_mu, grad_log_sigma, grad_mix_logits,
   grad_weight, grad_bias)`` (see :func:`statistics` and :func:`backward_elementwise`)
+* ``uan::em_m_step(sums, pivot, prev_mean, prev_var, var_floor, min_mass, min_weight) -> (mean, var, weight,
+  mu, log_sigma, mix_logits)``: MixtureNorm's EM M-step from the statistics pass's sums, CPU only
+  (:func:`uan_kernels.mixture_norm._m_step_from_sums` is its definition)
 """
 from __future__ import annotations
 
@@ -104,6 +107,17 @@ def _backward_reduce_fake(grad_output, input, mu, log_sigma, mix_logits, mean):
 def _backward_elementwise_fake(grad_output, input, mu, log_sigma, mix_logits, weight, mean, var, mass, sums,
                                local_sums, eps, mixture_grads):
     return _backward_fake(grad_output, input, mu, log_sigma, mix_logits, weight, mean, var, mass, eps, mixture_grads)
+
+
+@torch.library.register_fake("uan::em_m_step")
+def _em_m_step_fake(sums, pivot, prev_mean, prev_var, var_floor, min_mass, min_weight):
+    K = pivot.shape[0]
+    return (
+        *(pivot.new_empty(pivot.shape, dtype=torch.float64) for _ in range(2)),
+        pivot.new_empty((K,), dtype=torch.float64),
+        *(pivot.new_empty(pivot.shape) for _ in range(2)),
+        pivot.new_empty((K,)),
+    )
 
 
 @torch.library.register_fake("uan::moving_average_update_")
