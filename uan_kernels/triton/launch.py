@@ -117,15 +117,16 @@ def launch_train_forward(x, mu, log_sigma, mix_logits, weight, bias, eps):
     tiles = geometry.tile_geometry(x3, K)
     N, _, L = x3.shape
     partials = torch.empty((tiles.programs, 3, K, C), dtype=acc, device=x.device)
+    pivots = torch.empty((K, C), dtype=acc, device=x.device)  # each component's pivot of the sums
     finalize_grid, finalize_block = _finalize_grid(C)
     with _on_device(x):
         kernels._stats_partials_kernel[tiles.grid](
-            x3, mu, log_sigma, mix_logits, partials,
+            x3, mu, log_sigma, mix_logits, partials, pivots,
             N, C, L, *x3.stride(), *tiles.kernel_args(),
             K=K, ACC=_triton_dtype(acc), **tiles.kernel_meta(),
         )
         kernels._stats_finalize_kernel[finalize_grid](
-            partials, x3, mean, var, mass, tiles.programs, C, x3.stride(1),
+            partials, pivots, mean, var, mass, tiles.programs, C,
             K=K, BLOCK_C=finalize_block, ACC=_triton_dtype(acc),
         )
         _launch_normalize(x3, out3, mu, log_sigma, mix_logits, mean, var, weight, bias, eps, tiles)
