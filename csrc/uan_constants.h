@@ -11,6 +11,8 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
 
 #include "uan_math.h"
 
@@ -33,19 +35,139 @@ C10_HOST_DEVICE inline void log_mixing_weights(const T* mix_logits, int K, T* lo
   }
 }
 
-// a = sqrt(s / 2) / sigma, the slope of u = a (x - mu) (uan_math.h).
+// a = sqrt(s / 2) / sigma: u = a (x - mu) has s ((x - mu) / sigma)^2 / 2 = u^2,
+// the standardised element of the mixture-parameter sums (parameter_gradients).
 template <typename T>
 C10_HOST_DEVICE inline T responsibility_slope(T log_sigma) {
   return std::exp(-log_sigma) * std::sqrt(logit_scale(T(0)) / T(2));
 }
 
-// Folded responsibility constants of component k about pivot p (uan_math.h):
-//   a = sqrt(s / 2) / sigma,  b = a (p - mu),  lp = s (log lam - log sigma).
+// u = a xp + b with b = a (p - mu), for pivot p.
 template <typename T>
-C10_HOST_DEVICE inline void responsibility_constants(T mu, T log_sigma, T log_lam, T pivot, T& a, T& b, T& lp) {
+C10_HOST_DEVICE inline void standardization_constants(T mu, T log_sigma, T pivot, T& a, T& b) {
   a = responsibility_slope(log_sigma);
   b = a * (pivot - mu);
-  lp = logit_scale(T(0)) * (log_lam - log_sigma);
+}
+
+// A component's scaled logit as a quadratic in xp = x - p, in float64:
+//   s logit(x) = L - A (xp + q)^2 = value - 2 tilt xp - curvature xp^2
+// with curvature A = s / (2 sigma^2), q = p - mu, tilt = A q and
+// L = s (log_prior - log_sigma). log_prior may be mix_logits: a constant
+// shared by the components cancels in the responsibilities.
+struct LogitExpansion {
+  double curvature;
+  double tilt;
+  double value;  // s logit at the pivot
+};
+
+C10_HOST_DEVICE inline LogitExpansion logit_expansion(double mu, double log_sigma, double log_prior, double pivot,
+                                                      double s) {
+  const double curvature = 0.5 * s * std::exp(-2.0 * log_sigma);
+  const double q = pivot - mu;
+  return {curvature, curvature * q, s * (log_prior - log_sigma) - curvature * q * q};
+}
+
+// The reference component r of a channel's relative logits (uan_math.h): its
+// widest (the largest log_sigma, the first on ties), whose logit varies least
+// over the data, so that the other components' differences to it stay small.
+template <typename T>
+C10_HOST_DEVICE inline int widest_component(const T* log_sigma, int K, int64_t stride) {
+  int widest = 0;
+  for (int k = 1; k < K; ++k) {
+    if (log_sigma[k * stride] > log_sigma[widest * stride]) {
+      widest = k;
+    }
+  }
+  return widest;
+}
+
+// The responsibility constants of one channel about pivot p (uan_math.h):
+// D_k = s (logit_k - logit_r) has
+//   alpha_k = A_r - A_k,  beta_k = 2 (tilt_r - tilt_k),  gamma_k = value_k - value_r,
+// taken in float64 before rounding, so that far from the mixture the large
+// common parts of the logits cancel exactly. mu and log_sigma are column c of
+// (K, C) tensors (`stride` = C, pointing at row 0); the outputs are written
+// `out_stride` apart.
+template <typename T>
+C10_HOST_DEVICE inline void channel_responsibility_constants(const T* mu, const T* log_sigma, const T* mix_logits,
+                                                             int K, int64_t stride, T pivot, T* alpha, T* beta,
+                                                             T* gamma, int64_t out_stride) {
+  const double s = static_cast<double>(logit_scale(T(0)));
+  const double p = static_cast<double>(pivot);
+  const int r = widest_component(log_sigma, K, stride);
+  const LogitExpansion ref = logit_expansion(static_cast<double>(mu[r * stride]),
+                                             static_cast<double>(log_sigma[r * stride]),
+                                             static_cast<double>(mix_logits[r]), p, s);
+  for (int k = 0; k < K; ++k) {
+    const LogitExpansion e = logit_expansion(static_cast<double>(mu[k * stride]),
+                                             static_cast<double>(log_sigma[k * stride]),
+                                             static_cast<double>(mix_logits[k]), p, s);
+    alpha[k * out_stride] = static_cast<T>(ref.curvature - e.curvature);
+    beta[k * out_stride] = static_cast<T>(2.0 * (ref.tilt - e.tilt));
+    gamma[k * out_stride] = static_cast<T>(e.value - ref.value);
+  }
+}
+
+// The statistics pass takes its accumulation-type sums of component k about
+// a pivot p_k of its own, a value of the channel where the component
+// competes, so that they stay of the order of the component's spread however
+// far it lies from the channel pivot p (two tight clusters far apart); the
+// float64 totals are then moved to p (shift_sums), so every consumer sees sums
+// about the channel pivot. p_k is, of kPivotSamples elements evenly spread
+// over the channel, the first whose relative logit D_k is closest to its
+// largest (the channel pivot if every sample is NaN).
+constexpr int kPivotSamples = 16;
+
+// Index j < kPivotSamples of the samples among a channel's M elements.
+C10_HOST_DEVICE inline int64_t pivot_sample(int j, int64_t M) {
+  return static_cast<int64_t>(j) * M / kPivotSamples;
+}
+
+// Fills pivots[k] from sample(j), the value of sample j (uan_math.h constants).
+template <typename T, typename Sample>
+C10_HOST_DEVICE inline void component_pivots(Sample&& sample, T pivot, int K, const ResponsibilityConstants<T>& r,
+                                             T* pivots) {
+  T best[kMaxComponents];
+  for (int k = 0; k < K; ++k) {
+    pivots[k] = pivot;
+    best[k] = -std::numeric_limits<T>::infinity();
+  }
+  for (int j = 0; j < kPivotSamples; ++j) {
+    const T x = sample(j);
+    const T xp = x - pivot;
+    T logit[kMaxComponents];
+    T largest;
+    for (int k = 0; k < K; ++k) {
+      logit[k] = madd(madd(r.alpha[k], xp, r.beta[k]), xp, r.gamma[k]);
+      largest = (k == 0) ? logit[k] : value_max(largest, logit[k]);
+    }
+    for (int k = 0; k < K; ++k) {
+      const T score = logit[k] - largest;
+      if (score > best[k]) {
+        best[k] = score;
+        pivots[k] = x;
+      }
+    }
+  }
+}
+
+// The elementwise backward's sums R1 = sum U xp, R2 = sum U xp^2 (R3 = sum U)
+// turned into sum U u, sum U u^2 with u = a xp + b (parameter_gradients), in
+// float64: sum U u = a R1 + b R3, sum U u^2 = a^2 R2 + 2 a b R1 + b^2 R3.
+template <typename T>
+C10_HOST_DEVICE inline void standardize_sums(T a, T b, double& R1, double& R2, double R3) {
+  const double a64 = static_cast<double>(a);
+  const double b64 = static_cast<double>(b);
+  R2 = a64 * (a64 * R2 + 2.0 * b64 * R1) + b64 * b64 * R3;
+  R1 = a64 * R1 + b64 * R3;
+}
+
+// Sums S, T1 = sum tau (x - p_k), T2 = sum tau (x - p_k)^2 about p_k moved,
+// exactly up to float64 rounding, to sums about p, with delta = p_k - p:
+//   sum tau (x - p) = T1 + delta S,  sum tau (x - p)^2 = T2 + 2 delta T1 + delta^2 S.
+C10_HOST_DEVICE inline void shift_sums(double delta, double S, double& T1, double& T2) {
+  T2 += delta * (2.0 * T1 + delta * S);
+  T1 += delta * S;
 }
 
 // scale_k = lam_k^-1/2 (var_k + eps)^-1/2.

@@ -260,11 +260,12 @@ template <typename acc_t>
 struct ChannelConstants {
   int K;
   int64_t C;
-  std::vector<acc_t> log_lam;  // (K,)
-  std::vector<acc_t> pivot;    // (C,)
-  std::vector<acc_t> rows;     // (kRows, K, C)
+  std::vector<acc_t> log_lam;          // (K,)
+  std::vector<acc_t> pivot;            // (C,)
+  std::vector<acc_t> component_pivot;  // (K, C): the statistics pass's p_k (uan_constants.h)
+  std::vector<acc_t> rows;             // (kRows, K, C)
 
-  enum Row { kA, kB, kLogPrior, kSlope, kShift, kGammaScale, kMeanCoef, kVarCoef, kVarTerm, kRows };
+  enum Row { kAlpha, kBeta, kGamma, kA, kB, kSlope, kShift, kGammaScale, kMeanCoef, kVarCoef, kVarTerm, kRows };
 
   ChannelConstants(const Parameters& p) : K(static_cast<int>(p.K)), C(p.mu.size(1)), log_lam(K), pivot(C) {
     rows.resize(kRows * K * C);
@@ -288,13 +289,44 @@ struct ChannelConstants {
     }
   }
 
+  // The relative-logit constants of the responsibilities and, for the
+  // mixture-parameter sums, the standardisation u = a xp + b.
   void responsibilities(const Parameters& p) {
     const acc_t* mu = p.mu.const_data_ptr<acc_t>();
     const acc_t* log_sigma = p.log_sigma.const_data_ptr<acc_t>();
-    for (int k = 0; k < K; ++k) {
-      for (int64_t c = 0; c < C; ++c) {
-        responsibility_constants(mu[k * C + c], log_sigma[k * C + c], log_lam[k], pivot[c], at(kA, k, c),
-                                 at(kB, k, c), at(kLogPrior, k, c));
+    const acc_t* mix_logits = p.mix_logits.const_data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      channel_responsibility_constants(mu + c, log_sigma + c, mix_logits, K, C, pivot[c], &at(kAlpha, 0, c),
+                                       &at(kBeta, 0, c), &at(kGamma, 0, c), C);
+      for (int k = 0; k < K; ++k) {
+        standardization_constants(mu[k * C + c], log_sigma[k * C + c], pivot[c], at(kA, k, c), at(kB, k, c));
+      }
+    }
+  }
+
+  // The statistics pass's component pivots, from kPivotSamples elements of
+  // each channel (after responsibilities()).
+  template <typename scalar_t>
+  void component_pivots_from_input(const scalar_t* x, const ChannelView& view) {
+    component_pivot.assign(K * C, acc_t(0));
+    const int64_t M = view.N * view.L;
+    if (M == 0) {
+      return;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t alpha[kMaxComponents], beta[kMaxComponents], gamma[kMaxComponents], pivots[kMaxComponents];
+      for (int k = 0; k < K; ++k) {
+        alpha[k] = at(kAlpha, k, c);
+        beta[k] = at(kBeta, k, c);
+        gamma[k] = at(kGamma, k, c);
+      }
+      const auto sample = [&](int j) {
+        const int64_t e = pivot_sample(j, M);
+        return static_cast<acc_t>(x[(e / view.L) * view.stride_n + c * view.stride_c + (e % view.L) * view.stride_l]);
+      };
+      component_pivots(sample, pivot[c], K, ResponsibilityConstants<acc_t>{alpha, beta, gamma}, pivots);
+      for (int k = 0; k < K; ++k) {
+        component_pivot[k * C + c] = pivots[k];
       }
     }
   }
@@ -312,49 +344,64 @@ struct ChannelConstants {
   template <int K>
   ResponsibilityConstants<Vectorized<acc_t>> load_responsibilities(const Walker<acc_t>& walker, const Unit& unit,
                                                                    Vectorized<acc_t> (*out)[K]) const {
-    walker.load_constants(row(kA), K, unit, out[0]);
-    walker.load_constants(row(kB), K, unit, out[1]);
-    walker.load_constants(row(kLogPrior), K, unit, out[2]);
+    walker.load_constants(row(kAlpha), K, unit, out[0]);
+    walker.load_constants(row(kBeta), K, unit, out[1]);
+    walker.load_constants(row(kGamma), K, unit, out[2]);
     return {out[0], out[1], out[2]};
   }
 };
 
-// Sums per channel of the statistics pass: S_k, sum tau_k (x - p), sum tau_k (x - p)^2.
+// Sums per channel of the statistics pass: S_k, sum tau_k (x - p), sum tau_k (x - p)^2,
+// accumulated about the component pivots p_k and moved to p in float64.
 template <typename scalar_t, int K, typename acc_t>
 std::vector<double> statistics_pass(const scalar_t* x_data, const Walker<acc_t>& walker,
                                     const ChannelConstants<acc_t>& consts) {
   using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
   ChunkSums chunk_sums(walker.num_chunks(), 3 * K * consts.C);
   for_units(walker.num_units(), [&](int64_t u) {
     const Unit unit = walker.unit(u);
-    Vec r[3][K], uk[K], e[K];
+    Vec r[3][K], t[K], e[K], pk[K];
     const auto resp = consts.template load_responsibilities<K>(walker, unit, r);
+    walker.load_constants(consts.component_pivot.data(), K, unit, pk);
     const Vec p = walker.load_channel_values(consts.pivot.data(), unit);
     LaneSums<acc_t, 3 * K> acc;
     walker.for_each_span(
         unit,
         [&](int64_t offset, int64_t count) {
-          const Vec xp = load<scalar_t, acc_t>(x_data + offset, count) - p;
-          const Vec inv_total = responsibilities(xp, K, resp, uk, e);
+          const Vec x = load<scalar_t, acc_t>(x_data + offset, count);
+          const Vec inv_total = responsibilities(x - p, K, resp, t, e);
           mask_padding(e, K, count);
-          const Vec xp_sq = xp * xp;
           for (int k = 0; k < K; ++k) {
             const Vec tau = e[k] * inv_total;
+            const Vec d = x - pk[k];
+            const Vec tau_d = tau * d;
             acc.partial[k] = acc.partial[k] + tau;
-            acc.partial[K + k] = at::vec::fmadd(tau, xp, acc.partial[K + k]);
-            acc.partial[2 * K + k] = at::vec::fmadd(tau, xp_sq, acc.partial[2 * K + k]);
+            acc.partial[K + k] = acc.partial[K + k] + tau_d;
+            acc.partial[2 * K + k] = at::vec::fmadd(tau_d, d, acc.partial[2 * K + k]);
           }
         },
         [&] { acc.flush(); });
+    acc_t component_pivots[V], channel_pivots[V];
+    p.store(channel_pivots);
+    for (int k = 0; k < K; ++k) {
+      pk[k].store(component_pivots);
+      for (int64_t j = 0; j < V; ++j) {
+        shift_sums(static_cast<double>(component_pivots[j]) - static_cast<double>(channel_pivots[j]),
+                   acc.total[k][j], acc.total[K + k][j], acc.total[2 * K + k][j]);
+      }
+    }
     acc.write(walker, unit, chunk_sums.slot(unit.chunk));
   });
   return chunk_sums.totals();
 }
 
-// statistics_pass for the runtime K: (3, K, C) sums about each channel's pivot.
+// statistics_pass for the runtime K, after choosing its component pivots:
+// (3, K, C) sums about each channel's pivot.
 template <typename scalar_t, typename acc_t>
-std::vector<double> run_statistics_pass(const scalar_t* x_data, const Walker<acc_t>& walker,
-                                        const ChannelConstants<acc_t>& consts) {
+std::vector<double> run_statistics_pass(const scalar_t* x_data, const ChannelView& view, const Walker<acc_t>& walker,
+                                        ChannelConstants<acc_t>& consts) {
+  consts.component_pivots_from_input(x_data, view);
   std::vector<double> sums;
   with_components(consts.K, [&](auto k) { sums = statistics_pass<scalar_t, decltype(k)::value>(x_data, walker, consts); });
   return sums;
@@ -366,7 +413,7 @@ void normalize_pass(const scalar_t* x_data, scalar_t* out_data, const Walker<acc
   using Vec = Vectorized<acc_t>;
   for_units(walker.num_units(), [&](int64_t u) {
     const Unit unit = walker.unit(u);
-    Vec r[3][K], slope[K], shift[K], uk[K], e[K];
+    Vec r[3][K], slope[K], shift[K], t[K], e[K];
     const auto resp = consts.template load_responsibilities<K>(walker, unit, r);
     walker.load_constants(consts.row(ChannelConstants<acc_t>::kSlope), K, unit, slope);
     walker.load_constants(consts.row(ChannelConstants<acc_t>::kShift), K, unit, shift);
@@ -376,7 +423,7 @@ void normalize_pass(const scalar_t* x_data, scalar_t* out_data, const Walker<acc
         unit,
         [&](int64_t offset, int64_t count) {
           const Vec xp = load<scalar_t, acc_t>(x_data + offset, count) - p;
-          const Vec inv_total = responsibilities(xp, K, resp, uk, e);
+          const Vec inv_total = responsibilities(xp, K, resp, t, e);
           store<scalar_t, acc_t>(out_data + offset, mixture_transform(xp, K, e, inv_total, slope, shift, beta),
                                  count);
         },
@@ -392,7 +439,7 @@ std::vector<double> backward_reduce_pass(const scalar_t* g_data, const scalar_t*
   ChunkSums chunk_sums(walker.num_chunks(), (2 * K + 1) * consts.C);
   for_units(walker.num_units(), [&](int64_t u) {
     const Unit unit = walker.unit(u);
-    Vec r[3][K], uk[K], e[K];
+    Vec r[3][K], t[K], e[K];
     const auto resp = consts.template load_responsibilities<K>(walker, unit, r);
     const Vec p = walker.load_channel_values(consts.pivot.data(), unit);
     LaneSums<acc_t, 2 * K + 1> acc;
@@ -401,7 +448,7 @@ std::vector<double> backward_reduce_pass(const scalar_t* g_data, const scalar_t*
         [&](int64_t offset, int64_t count) {
           const Vec xp = load<scalar_t, acc_t>(x_data + offset, count) - p;
           const Vec dout = load<scalar_t, acc_t>(g_data + offset, count);
-          const Vec weight = dout * responsibilities(xp, K, resp, uk, e);
+          const Vec weight = dout * responsibilities(xp, K, resp, t, e);
           for (int k = 0; k < K; ++k) {
             const Vec weighted = e[k] * weight;
             acc.partial[k] = acc.partial[k] + weighted;
@@ -416,7 +463,8 @@ std::vector<double> backward_reduce_pass(const scalar_t* g_data, const scalar_t*
 }
 
 // Writes grad_input; with mixture_grads returns the sums per channel
-// sum U_k u_k, sum U_k u_k^2, sum U_k (parameter_gradients).
+// sum U_k u_k, sum U_k u_k^2, sum U_k (parameter_gradients), u_k = a_k xp + b_k,
+// accumulated as sum U_k xp, sum U_k xp^2, sum U_k and standardised in float64.
 template <typename scalar_t, int K, bool kMixtureGrads, typename acc_t>
 std::vector<double> backward_elementwise_pass(const scalar_t* g_data, const scalar_t* x_data, scalar_t* dx_data,
                                               const Walker<acc_t>& walker, const ChannelConstants<acc_t>& consts) {
@@ -425,7 +473,7 @@ std::vector<double> backward_elementwise_pass(const scalar_t* g_data, const scal
   ChunkSums chunk_sums(walker.num_chunks(), kMixtureGrads ? 3 * K * consts.C : 0);
   for_units(walker.num_units(), [&](int64_t u) {
     const Unit unit = walker.unit(u);
-    Vec r[3][K], c[5][K], uk[K], e[K], T[K], U[K];
+    Vec r[3][K], c[5][K], t[K], e[K], T[K], U[K];
     const auto resp = consts.template load_responsibilities<K>(walker, unit, r);
     const typename Consts::Row rows[5] = {Consts::kShift, Consts::kGammaScale, Consts::kMeanCoef, Consts::kVarCoef,
                                           Consts::kVarTerm};
@@ -440,20 +488,33 @@ std::vector<double> backward_elementwise_pass(const scalar_t* g_data, const scal
         [&](int64_t offset, int64_t count) {
           const Vec xp = load<scalar_t, acc_t>(x_data + offset, count) - p;
           const Vec dout = load<scalar_t, acc_t>(g_data + offset, count);
-          const Vec inv_total = responsibilities(xp, K, resp, uk, e);
+          const Vec inv_total = responsibilities(xp, K, resp, t, e);
           mask_padding(e, K, count);
-          store<scalar_t, acc_t>(dx_data + offset, input_gradient(xp, dout, K, params, uk, e, inv_total, T, U),
+          store<scalar_t, acc_t>(dx_data + offset, input_gradient(xp, dout, K, params, t, e, inv_total, T, U),
                                  count);
           if constexpr (kMixtureGrads) {
             for (int k = 0; k < K; ++k) {
-              const Vec Uu = U[k] * uk[k];
-              acc.partial[k] = acc.partial[k] + Uu;
-              acc.partial[K + k] = at::vec::fmadd(Uu, uk[k], acc.partial[K + k]);
+              const Vec U_xp = U[k] * xp;
+              acc.partial[k] = acc.partial[k] + U_xp;
+              acc.partial[K + k] = at::vec::fmadd(U_xp, xp, acc.partial[K + k]);
               acc.partial[2 * K + k] = acc.partial[2 * K + k] + U[k];
             }
           }
         },
         [&] { acc.flush(); });
+    if constexpr (kMixtureGrads) {
+      Vec a[K], b[K];
+      walker.load_constants(consts.row(Consts::kA), K, unit, a);
+      walker.load_constants(consts.row(Consts::kB), K, unit, b);
+      acc_t a_lanes[Vec::size()], b_lanes[Vec::size()];
+      for (int k = 0; k < K; ++k) {
+        a[k].store(a_lanes);
+        b[k].store(b_lanes);
+        for (int64_t j = 0; j < Vec::size(); ++j) {
+          standardize_sums(a_lanes[j], b_lanes[j], acc.total[k][j], acc.total[K + k][j], acc.total[2 * K + k][j]);
+        }
+      }
+    }
     acc.write(walker, unit, chunk_sums.slot(unit.chunk));
   });
   return chunk_sums.totals();
@@ -468,7 +529,7 @@ void forward_train(const at::Tensor& x, const ChannelView& view, const Parameter
     ChannelConstants<acc_t> consts(p);
     consts.pivot_from_input(x_data, view);
     consts.responsibilities(p);
-    const std::vector<double> sums = run_statistics_pass<scalar_t>(x_data, walker, consts);
+    const std::vector<double> sums = run_statistics_pass<scalar_t>(x_data, view, walker, consts);
     const int K = consts.K;
     const int64_t C = consts.C;
     acc_t* mean_data = mean.mutable_data_ptr<acc_t>();
@@ -674,7 +735,7 @@ void statistics(const at::Tensor& x, const ChannelView& view, const Parameters& 
     ChannelConstants<acc_t> consts(p);
     consts.pivot_from_input(x_data, view);
     consts.responsibilities(p);
-    std::vector<double> about_pivot = run_statistics_pass<scalar_t>(x_data, Walker<acc_t>(view), consts);
+    std::vector<double> about_pivot = run_statistics_pass<scalar_t>(x_data, view, Walker<acc_t>(view), consts);
     const int64_t plane = consts.K * consts.C;
     const acc_t* mu = p.mu.const_data_ptr<acc_t>();
     for (int64_t i = 0; i < plane; ++i) {

@@ -72,22 +72,15 @@ C10_HOST_DEVICE inline double softmax_reciprocal(double v) { return 1.0 / v; }
 C10_HOST_DEVICE inline float value_max(float a, float b) { return ::fmaxf(a, b); }
 C10_HOST_DEVICE inline double value_max(double a, double b) { return ::fmax(a, b); }
 
-// a * b + c and c - a * b in one rounding (nvcc contracts the scalar forms).
+// a * b + c in one rounding (nvcc contracts the scalar forms).
 C10_HOST_DEVICE inline float madd(float a, float b, float c) { return a * b + c; }
 C10_HOST_DEVICE inline double madd(double a, double b, double c) { return a * b + c; }
-C10_HOST_DEVICE inline float nmadd(float a, float b, float c) { return c - a * b; }
-C10_HOST_DEVICE inline double nmadd(double a, double b, double c) { return c - a * b; }
 
 #if !defined(__CUDACC__)
 template <typename T>
 inline at::vec::Vectorized<T> madd(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b,
                                    const at::vec::Vectorized<T>& c) {
   return at::vec::fmadd(a, b, c);
-}
-template <typename T>
-inline at::vec::Vectorized<T> nmadd(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b,
-                                    const at::vec::Vectorized<T>& c) {
-  return at::vec::fnmadd(a, b, c);
 }
 template <typename T>
 inline T logit_scale(const at::vec::Vectorized<T>&) {
@@ -108,25 +101,29 @@ inline at::vec::Vectorized<T> value_max(const at::vec::Vectorized<T>& a, const a
 #endif
 
 // Responsibilities of one element (paper eq. 7), on folded constants:
-//   u_k = a_k xp + b_k = (x - mu_k) / sigma_k * sqrt(s / 2)
-//   logit_k * s = lp_k - u_k^2,   e_k = exp_s(logit_k * s - max),   tau_k = e_k / sum_j e_j
-// with s = logit_scale. Fills u and the unnormalised e; returns 1 / sum e, so
-// callers multiply once instead of normalising every component. The max is
-// subtracted, so an element far from every component still gets a valid
-// distribution.
+//   D_k = s (logit_k - logit_r) = (alpha_k xp + beta_k) xp + gamma_k,   t_k = alpha_k xp + beta_k
+//   e_k = exp_s(D_k - max_j D_j),   tau_k = e_k / sum_j e_j
+// with s = logit_scale and r the channel's reference component (its widest;
+// its coefficients are zero). The coefficients are differences of the
+// components' logit expansions about the pivot, taken in float64
+// (uan_constants.h), so an element far from every component keeps the
+// competing components' difference: squaring (x - mu_k) / sigma_k in float32
+// would round each logit by ~1e-7 of its square. Fills t and the unnormalised
+// e; returns 1 / sum e, so callers multiply once instead of normalising every
+// component. The max is subtracted, so every element gets a valid distribution.
 template <typename V>
 struct ResponsibilityConstants {
-  const V* a;
-  const V* b;
-  const V* lp;
+  const V* alpha;
+  const V* beta;
+  const V* gamma;
 };
 
 template <typename V>
-C10_HOST_DEVICE inline V responsibilities(const V& xp, int K, const ResponsibilityConstants<V>& r, V* u, V* e) {
+C10_HOST_DEVICE inline V responsibilities(const V& xp, int K, const ResponsibilityConstants<V>& r, V* t, V* e) {
   V largest;
   for (int k = 0; k < K; ++k) {
-    u[k] = madd(r.a[k], xp, r.b[k]);
-    e[k] = nmadd(u[k], u[k], r.lp[k]);
+    t[k] = madd(r.alpha[k], xp, r.beta[k]);
+    e[k] = madd(t[k], xp, r.gamma[k]);
     largest = (k == 0) ? e[k] : value_max(largest, e[k]);
   }
   V total;
@@ -135,6 +132,12 @@ C10_HOST_DEVICE inline V responsibilities(const V& xp, int K, const Responsibili
     total = (k == 0) ? e[k] : total + e[k];
   }
   return softmax_reciprocal(total);
+}
+
+// d D_k / d xp = 2 alpha_k xp + beta_k, from t_k of responsibilities().
+template <typename V>
+C10_HOST_DEVICE inline V relative_logit_slope(const V& xp, const V& alpha, const V& t) {
+  return madd(alpha, xp, t);
 }
 
 // Mixture transform with gamma folded in (eq. 9):
@@ -172,18 +175,16 @@ struct BackwardConstants {
   const V* var_term;
 };
 
-// (x - mu_k) / sigma_k^2 = u_k a_k * 2 / s: callers sum U_k u_k a_k and scale once.
-template <typename V>
-C10_HOST_DEVICE inline auto input_gradient_scale(const V& v) {
-  return decltype(logit_scale(v))(2) / logit_scale(v);
-}
-
 // Gradient with respect to x of one element. Fills U_k (dL/dlogit_k) and
-// uses u_k, e_k, inv_total from responsibilities(). The mixture-parameter
-// sums are U_k u_k, U_k u_k^2 and U_k (see uan_constants.h, parameter_gradients).
+// uses t_k, e_k, inv_total from responsibilities(). The logits' share is
+// taken through the relative logits: sum_k U_k = 0, so
+//   sum_k U_k (x - mu_k) / sigma_k^2 = -(1 / s) sum_k U_k d D_k / d xp,
+// which, unlike the per-component terms, does not grow with the distance
+// from the mixture. The mixture-parameter sums are U_k u_k, U_k u_k^2 and
+// U_k with u_k = a_k xp + b_k (uan_constants.h, parameter_gradients).
 template <typename V>
 C10_HOST_DEVICE inline V input_gradient(const V& xp, const V& dout, int K, const BackwardConstants<V>& p,
-                                        const V* u, const V* e, const V& inv_total, V* T, V* U) {
+                                        const V* t, const V* e, const V& inv_total, V* T, V* U) {
   V e_dot_t(0);
   V direct(0);
   for (int k = 0; k < K; ++k) {
@@ -194,12 +195,12 @@ C10_HOST_DEVICE inline V input_gradient(const V& xp, const V& dout, int K, const
     direct = madd(e[k], madd(p.var_coef[k], d, h), direct);
   }
   const V tau_dot_t = e_dot_t * inv_total;
-  V curvature(0);
+  V through_logits(0);
   for (int k = 0; k < K; ++k) {
     U[k] = (e[k] * inv_total) * (T[k] - tau_dot_t);
-    curvature = madd(U[k] * u[k], p.resp.a[k], curvature);
+    through_logits = madd(U[k], relative_logit_slope(xp, p.resp.alpha[k], t[k]), through_logits);
   }
-  return nmadd(curvature, V(input_gradient_scale(xp)), direct * inv_total);
+  return madd(through_logits, V(decltype(logit_scale(xp))(1) / logit_scale(xp)), direct * inv_total);
 }
 
 }  // namespace uan

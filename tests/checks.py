@@ -6,6 +6,7 @@ tensors with the C++ backend at small sizes, so that their logic (and the
 tolerances measured there) is exercised on every machine.
 """
 import copy
+import math
 
 import torch
 
@@ -185,3 +186,72 @@ def check_module_training_step(update, device, dtype, backend="auto", tol=1e-10,
         else:
             assert torch.equal(value.cpu(), want_state[name]), name
     assert rel_err(evaluated.cpu(), want_evaluated) < tol
+
+
+# --------------------------------------------------------------------------- #
+# Float32 conditioning
+# --------------------------------------------------------------------------- #
+
+
+def check_far_from_the_mixture(train, device, seeds=range(4), shape=(4, 16, 6, 6)):
+    """Training forward in float32 on ``x * 1e3 + 1e4`` through a freshly
+    initialised UAN (mixture means in [-1, 1], every sigma ~0.83), against the
+    float64 reference on the same float32 values.
+
+    Bound: rounding the input itself to float32 (2**-24 of 1e4) moves the exact
+    output by ``input_rounding`` (large at elements near a crossover of two
+    components, where tau changes fast); the float32 computation may lose at
+    most 4 times that, plus 1e-5 (the outputs are O(1); BatchNorm's float32
+    error here is ~1e-6). Logits squared in float32 lost up to 4.7 here.
+    """
+    for seed in seeds:
+        torch.manual_seed(seed)
+        layer = UAN(shape[1], 3)
+        params = [t.detach() for t in (layer.mu, layer.log_sigma, layer.mix_logits, layer.weight, layer.bias)]
+        g = torch.Generator().manual_seed(seed + 100)
+        x64 = torch.randn(shape, generator=g, dtype=torch.float64) * 1e3 + 1e4
+        x32 = x64.float()
+        exact = reference.uan_train(x32.double(), *(p.double() for p in params), EPS)[0]
+        input_rounding = (exact - reference.uan_train(x64, *(p.double() for p in params), EPS)[0]).abs().max()
+        out = train(x32.to(device), *(p.to(device) for p in params), EPS)[0]
+        error = (out.cpu().double() - exact).abs().max()
+        assert error <= 4 * input_rounding + 1e-5, (seed, error.item(), input_rounding.item())
+
+
+def tight_clusters(shape, dtype, device, centers=(-5.0, 5.0), std=0.05):
+    """Values in two clusters of ``std`` around ``centers`` (chosen at random per
+    element) and the mixture fitted to them: ``(x, mu, log_sigma, mix_logits)``."""
+    g = torch.Generator().manual_seed(0)
+    which = torch.randint(0, len(centers), shape, generator=g)
+    x = torch.tensor(centers, dtype=torch.float64)[which] + std * torch.randn(shape, generator=g,
+                                                                               dtype=torch.float64)
+    K, C = len(centers), shape[1]
+    mu = torch.tensor(centers, dtype=torch.float64)[:, None].expand(K, C)
+    log_sigma = torch.full((K, C), math.log(std), dtype=torch.float64)
+    return [t.to(device, dtype) for t in (x, mu, log_sigma, torch.zeros(K, dtype=torch.float64))]
+
+
+def check_tight_clusters(train, device, shape=(16, 2, 32, 32)):
+    """Two tight clusters far apart compared with their spread (at -5 and +5,
+    std 0.05) with the mixture fitted to them: the float32 statistics and
+    gradients against float64 on the same values.
+
+    Each component's sums are taken about a value of its own cluster, so its
+    variance keeps float32's precision: a few roundings of 2**-24 (measured
+    9e-8 relative; bound 1e-6), where sums about one value of the other
+    cluster lost (10 / 0.05)**2 = 4e4 times that (2.6e-3 on the CPU before).
+    Means within 1e-6 relative (a float32 rounding of +-5 is 6e-8 relative);
+    the input gradient, like every float32 gradient of the suite, within 1e-5
+    of its largest entry.
+    """
+    x, mu, log_sigma, mix_logits = tight_clusters(shape, torch.float32, device)
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(shape, generator=g, dtype=torch.float64)
+    weight = torch.ones(shape[1], device=device)
+    (out, mean, var, mass), grads = train_and_grads(train, x, [mu, log_sigma, mix_logits, weight, None],
+                                                    grad_out.to(device, torch.float32))
+    (want_out, want_mean, want_var, want_mass), want_grads = reference_train_and_grads(
+        x, [mu, log_sigma, mix_logits, weight, None], grad_out)
+    torch.testing.assert_close(var.cpu().double(), want_var, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean.cpu().double(), want_mean, rtol=1e-6, atol=0)
+    assert rel_err(grads[0].cpu(), want_grads[0]) < 1e-5

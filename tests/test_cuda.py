@@ -306,6 +306,22 @@ def test_large_mean_small_spread_is_accurate():
     assert ((var.double() - want_var) / want_var).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+def test_float32_far_from_the_mixture(name):
+    """checks.check_far_from_the_mixture (its bound explained there; on CPU in test_conditioning.py)."""
+    if name not in fused_backends():
+        pytest.skip(f"Triton cannot run here: {_backends.unavailable_reason('triton', CUDA)}")
+    checks.check_far_from_the_mixture(_backends.resolve(name, CUDA).train, CUDA)
+
+
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+def test_float32_tight_clusters_far_apart(name):
+    """checks.check_tight_clusters: each component's sums about a value of its own cluster."""
+    if name not in fused_backends():
+        pytest.skip(f"Triton cannot run here: {_backends.unavailable_reason('triton', CUDA)}")
+    checks.check_tight_clusters(_backends.resolve(name, CUDA).train, CUDA)
+
+
 def test_values_far_from_every_component_stay_finite():
     x = make_input((4, 3, 5, 5), dtype=torch.float32, device=CUDA)
     x = x + torch.tensor([1e4, -1e4, 3e4], device=CUDA).view(1, 3, 1, 1)

@@ -27,6 +27,11 @@ def _per_component(t: Tensor, ndim: int) -> Tensor:
     return t.reshape(t.shape[0], 1, t.shape[1], *([1] * (ndim - 2)))
 
 
+def _per_channel(t: Tensor, ndim: int) -> Tensor:
+    """View a ``(C,)`` tensor so it broadcasts against ``(N, C, *S)``."""
+    return t.reshape(1, t.shape[0], *([1] * (ndim - 2)))
+
+
 def _per_prior(t: Tensor, ndim: int) -> Tensor:
     """View a ``(K,)`` tensor so it broadcasts against ``(K, N, C, *S)``."""
     return t.reshape(t.shape[0], *([1] * ndim))
@@ -41,14 +46,31 @@ def responsibilities(x: Tensor, mu: Tensor, log_sigma: Tensor, mix_logits: Tenso
     """Soft assignments ``tau`` of shape ``(K, N, C, *S)`` (paper eq. 7).
 
     ``logit_k = log(lam_k) - log(sigma_k) - (x - mu_k)^2 / (2 sigma_k^2)``,
-    ``tau = softmax_k(logit)``; the softmax subtracts the max, so elements far
-    from every component still get a valid distribution.
+    ``tau = softmax_k(logit)``. The softmax sees the logits relative to each
+    channel's widest component ``r`` (the largest ``log_sigma``), written as a
+    quadratic in ``x - p`` (``p`` the channel's first element) whose
+    coefficients are differences taken in float64, as the fused kernels do
+    (``csrc/uan_math.h``): for ``x`` far from every component the large common
+    parts of the logits cancel in the coefficients, where squaring
+    ``(x - mu_k) / sigma_k`` in float32 would round them away. The softmax
+    subtracts the max, so every element gets a valid distribution.
     """
     ndim = x.dim()
-    log_lam = torch.log_softmax(mix_logits, dim=0)
-    z = (x.unsqueeze(0) - _per_component(mu, ndim)) * torch.exp(-_per_component(log_sigma, ndim))
-    logits = _per_prior(log_lam, ndim) - _per_component(log_sigma, ndim) - 0.5 * z * z
-    return torch.softmax(logits, dim=0)
+    channels = x.shape[1]
+    # Any p gives the same function; a value of the channel keeps x - p small.
+    pivot = x.detach().transpose(0, 1).reshape(channels, -1)[:, 0] if x.numel() else x.new_zeros(channels)
+    mu64, log_sigma64 = mu.double(), log_sigma.double()
+    curvature = 0.5 * torch.exp(-2.0 * log_sigma64)  # log tau = ... - curvature (x - p + q)^2, q = p - mu
+    q = pivot.double() - mu64
+    tilt = curvature * q
+    value = (mix_logits.double()[:, None] - log_sigma64) - tilt * q  # the logit at x = p, up to log(sum exp)
+    widest = torch.argmax(log_sigma64, dim=0, keepdim=True)
+    alpha = (curvature.gather(0, widest) - curvature).to(x.dtype)
+    beta = (2.0 * (tilt.gather(0, widest) - tilt)).to(x.dtype)
+    gamma = (value - value.gather(0, widest)).to(x.dtype)
+    xp = (x - _per_channel(pivot, ndim)).unsqueeze(0)
+    relative_logits = (_per_component(alpha, ndim) * xp + _per_component(beta, ndim)) * xp + _per_component(gamma, ndim)
+    return torch.softmax(relative_logits, dim=0)
 
 
 def batch_statistics(x: Tensor, tau: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

@@ -73,6 +73,8 @@ struct PassArgs {
   double* partials;          // (Q, C, slices) per-unit sums
   acc_t eps;
   bool pivot_from_mean;      // pivot mean[0, c] (given statistics), else x[0, c, 0]
+  // Offsets n * stride_n + l * stride_l of the statistics pass's pivot samples (uan_constants.h).
+  int64_t pivot_samples[kPivotSamples];
   int64_t N, C, L, stride_n, stride_c, stride_l;
   int64_t slices, chunk;     // each channel's N*L elements in `slices` ranges of `chunk`
   bool vector;               // channel-major with 16-byte aligned rows: 16-byte accesses
@@ -90,29 +92,39 @@ __device__ __forceinline__ at::opmath_type<scalar_t> channel_pivot(const PassArg
   return a.pivot_from_mean ? a.mean[c] : static_cast<at::opmath_type<scalar_t>>(a.x[c * a.stride_c]);
 }
 
+// The relative-logit constants of one channel (uan_constants.h), in a
+// function of their own: inlined, their float64 arithmetic made ptxas spill
+// and add instructions in the element loop of the pass (Normalize at K = 3:
+// 56 bytes of spills, 2 instructions per element); called, it stays in the
+// unit's prologue.
+template <int K, typename acc_t>
+__device__ __noinline__ void relative_logit_constants(const acc_t* mu, const acc_t* log_sigma, const acc_t* mix_logits,
+                                                      int64_t C, acc_t pivot, acc_t* alpha, acc_t* beta, acc_t* gamma) {
+  channel_responsibility_constants(mu, log_sigma, mix_logits, K, C, pivot, alpha, beta, gamma, 1);
+}
+
 // A channel's folded responsibility constants (uan_constants.h), computed in
 // each unit's prologue from the parameters: no constants step between passes.
 template <int K, typename acc_t>
 struct ChannelResponsibilities {
-  acc_t a[K], b[K], lp[K], log_lam[K];
+  acc_t alpha[K], beta[K], gamma[K], log_lam[K];
   acc_t pivot;
 
   template <typename scalar_t>
   __device__ __forceinline__ void load(const PassArgs<scalar_t>& args, int64_t c) {
     log_mixing_weights(args.mix_logits, K, log_lam);
     pivot = channel_pivot(args, c);
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      responsibility_constants(args.mu[k * args.C + c], args.log_sigma[k * args.C + c], log_lam[k], pivot, a[k],
-                               b[k], lp[k]);
-    }
+    relative_logit_constants<K>(args.mu + c, args.log_sigma + c, args.mix_logits, args.C, pivot, alpha, beta, gamma);
   }
-  __device__ __forceinline__ ResponsibilityConstants<acc_t> constants() const { return {a, b, lp}; }
+  __device__ __forceinline__ ResponsibilityConstants<acc_t> constants() const { return {alpha, beta, gamma}; }
 };
 
 // ---- The four passes: per-channel constants and per-element work. ----------
 // element() returns the value written to `out` (ignored when kWritesOutput is
-// false) and adds this element's terms to the thread's partial sums.
+// false) and adds this element's terms to the thread's partial sums. Passes
+// with sums say whether they accumulate other sums than their partials hold,
+// for accuracy or fewer instructions (kConvertsSums); then convert_sums()
+// turns the thread's float64 sums into those before they are reduced.
 
 template <typename scalar_t_, int K>
 struct Statistics {
@@ -121,25 +133,40 @@ struct Statistics {
   static constexpr int kQuantities = 3 * K;
   static constexpr bool kReadsGrad = false;
   static constexpr bool kWritesOutput = false;
+  static constexpr bool kConvertsSums = true;
   ChannelResponsibilities<K, acc_t> r;
+  acc_t component_pivot[K];
 
-  __device__ void load(const PassArgs<scalar_t>& a, int64_t c) { r.load(a, c); }
+  __device__ void load(const PassArgs<scalar_t>& a, int64_t c) {
+    r.load(a, c);
+    const scalar_t* channel = a.x + c * a.stride_c;
+    component_pivots([&](int j) { return static_cast<acc_t>(channel[a.pivot_samples[j]]); }, r.pivot, K,
+                     r.constants(), component_pivot);
+  }
 
-  // Sums about the pivot (statistics_from_sums undoes the shift), so
-  // |mean| >> std stays accurate.
+  // Sums about each component's pivot, so they stay of the order of the
+  // component's spread; convert_sums() takes them to the channel pivot.
   __device__ acc_t element(acc_t x, acc_t, acc_t* partial) const {
-    acc_t u[K], e[K];
-    const acc_t xp = x - r.pivot;
-    const acc_t inv_total = responsibilities(xp, K, r.constants(), u, e);
-    const acc_t xp_sq = xp * xp;
+    acc_t t[K], e[K];
+    const acc_t inv_total = responsibilities(x - r.pivot, K, r.constants(), t, e);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const acc_t tau = e[k] * inv_total;
+      const acc_t d = x - component_pivot[k];
+      const acc_t tau_d = tau * d;
       partial[k] += tau;
-      partial[K + k] += tau * xp;
-      partial[2 * K + k] += tau * xp_sq;
+      partial[K + k] += tau_d;
+      partial[2 * K + k] += tau_d * d;
     }
     return acc_t(0);
+  }
+
+  __device__ void convert_sums(double* sums) const {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      shift_sums(static_cast<double>(component_pivot[k]) - static_cast<double>(r.pivot), sums[k], sums[K + k],
+                 sums[2 * K + k]);
+    }
   }
 };
 
@@ -167,9 +194,9 @@ struct Normalize {
   }
 
   __device__ acc_t element(acc_t x, acc_t, acc_t*) const {
-    acc_t u[K], e[K];
+    acc_t t[K], e[K];
     const acc_t xp = x - r.pivot;
-    const acc_t inv_total = responsibilities(xp, K, r.constants(), u, e);
+    const acc_t inv_total = responsibilities(xp, K, r.constants(), t, e);
     return mixture_transform(xp, K, e, inv_total, slope, shift, beta);
   }
 };
@@ -181,15 +208,16 @@ struct BackwardReduce {
   static constexpr int kQuantities = 2 * K + 1;
   static constexpr bool kReadsGrad = true;
   static constexpr bool kWritesOutput = false;
+  static constexpr bool kConvertsSums = false;
   ChannelResponsibilities<K, acc_t> r;
 
   __device__ void load(const PassArgs<scalar_t>& a, int64_t c) { r.load(a, c); }
 
   // sum dout tau_k, sum dout tau_k (x - p), sum dout.
   __device__ acc_t element(acc_t x, acc_t dout, acc_t* partial) const {
-    acc_t u[K], e[K];
+    acc_t t[K], e[K];
     const acc_t xp = x - r.pivot;
-    const acc_t weight = dout * responsibilities(xp, K, r.constants(), u, e);
+    const acc_t weight = dout * responsibilities(xp, K, r.constants(), t, e);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const acc_t weighted = e[k] * weight;
@@ -208,40 +236,57 @@ struct BackwardElementwise {
   static constexpr int kQuantities = 3 * K;
   static constexpr bool kReadsGrad = true;
   static constexpr bool kWritesOutput = true;
+  static constexpr bool kConvertsSums = true;
   ChannelResponsibilities<K, acc_t> r;
   acc_t rows[kBackwardRows][K];
+  const acc_t* mu;  // column c: mu[k * C], log_sigma[k * C]
+  const acc_t* log_sigma;
+  int64_t C;
   bool mixture_grads;
 
-  __device__ void load(const PassArgs<scalar_t>& a, int64_t c) {
-    r.load(a, c);
+  __device__ void load(const PassArgs<scalar_t>& args, int64_t c) {
+    r.load(args, c);
 #pragma unroll
     for (int row = 0; row < kBackwardRows; ++row) {
 #pragma unroll
       for (int k = 0; k < K; ++k) {
-        rows[row][k] = a.table[(static_cast<int64_t>(row) * K + k) * a.C + c];
+        rows[row][k] = args.table[(static_cast<int64_t>(row) * K + k) * args.C + c];
       }
     }
-    mixture_grads = a.accumulate;
+    mu = args.mu + c;
+    log_sigma = args.log_sigma + c;
+    C = args.C;
+    mixture_grads = args.accumulate;
   }
 
-  // grad_input; with mixture_grads the sums U_k u_k, U_k u_k^2, U_k (parameter_gradients).
+  // grad_input; with mixture_grads the sums U_k xp, U_k xp^2, U_k, which
+  // convert_sums() turns into the partials' U_k u_k, U_k u_k^2, U_k.
   __device__ acc_t element(acc_t x, acc_t dout, acc_t* partial) const {
     const BackwardConstants<acc_t> p{r.constants(), rows[kShift], rows[kGammaScale], rows[kMeanCoef],
                                      rows[kVarCoef], rows[kVarTerm]};
-    acc_t u[K], e[K], T[K], U[K];
+    acc_t t[K], e[K], T[K], U[K];
     const acc_t xp = x - r.pivot;
-    const acc_t inv_total = responsibilities(xp, K, p.resp, u, e);
-    const acc_t dx = input_gradient(xp, dout, K, p, u, e, inv_total, T, U);
+    const acc_t inv_total = responsibilities(xp, K, p.resp, t, e);
+    const acc_t dx = input_gradient(xp, dout, K, p, t, e, inv_total, T, U);
     if (mixture_grads) {
 #pragma unroll
       for (int k = 0; k < K; ++k) {
-        const acc_t Uu = U[k] * u[k];
-        partial[k] += Uu;
-        partial[K + k] += Uu * u[k];
+        const acc_t U_xp = U[k] * xp;
+        partial[k] += U_xp;
+        partial[K + k] += U_xp * xp;
         partial[2 * K + k] += U[k];
       }
     }
     return dx;
+  }
+
+  __device__ void convert_sums(double* sums) const {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      acc_t a, b;
+      standardization_constants(mu[k * C], log_sigma[k * C], r.pivot, a, b);
+      standardize_sums(a, b, sums[k], sums[K + k], sums[2 * K + k]);
+    }
   }
 };
 
@@ -295,16 +340,16 @@ __device__ __noinline__ void reduce_chunk(int q0, int count, int64_t first_chann
   __syncthreads();
 }
 
-// Writes the block's sums of each thread's partials for the unit's channels.
-template <int Q, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void write_unit_partials(const acc_t (&partial)[Q], const PassArgs<scalar_t>& a,
+// Writes the block's sums of each thread's float64 sums for the unit's channels.
+template <int Q, typename scalar_t>
+__device__ __forceinline__ void write_unit_partials(const double (&sums)[Q], const PassArgs<scalar_t>& a,
                                                     int64_t first_channel, int64_t slice, int tid) {
-  // Unrolled so that partial[] is indexed by constants and stays in registers.
+  // Unrolled so that sums[] is indexed by constants and stays in registers.
 #pragma unroll
   for (int q0 = 0; q0 < Q; q0 += kReduceChunk) {
 #pragma unroll
     for (int i = 0; i < kReduceChunk && q0 + i < Q; ++i) {
-      reduce_scratch[i][tid] = static_cast<double>(partial[q0 + i]);
+      reduce_scratch[i][tid] = sums[q0 + i];
     }
     reduce_chunk(q0, Q - q0 < kReduceChunk ? Q - q0 : kReduceChunk, first_channel, a.C, a.slices, slice,
                  a.partials);
@@ -358,8 +403,8 @@ __global__ void __launch_bounds__(kThreads) element_pass(const PassArgs<typename
     const int64_t c = first_channel + threadIdx.x;
     // At least one slot so that passes without sums still compile.
     acc_t partial[Op::kQuantities > 0 ? Op::kQuantities : 1] = {};
+    Op op;
     if (c < a.C) {
-      Op op;
       op.load(a, c);
       const int64_t end = std::min(elements, (slice + 1) * a.chunk);
       Cursor cur;
@@ -423,7 +468,17 @@ __global__ void __launch_bounds__(kThreads) element_pass(const PassArgs<typename
     }
     if constexpr (Op::kQuantities > 0) {
       if (a.accumulate) {
-        write_unit_partials(partial, a, first_channel, slice, tid);
+        double sums[Op::kQuantities];
+#pragma unroll
+        for (int q = 0; q < Op::kQuantities; ++q) {
+          sums[q] = static_cast<double>(partial[q]);
+        }
+        if constexpr (Op::kConvertsSums) {
+          if (c < a.C) {
+            op.convert_sums(sums);
+          }
+        }
+        write_unit_partials(sums, a, first_channel, slice, tid);
       }
     }
   }
@@ -850,6 +905,11 @@ PassArgs<scalar_t> pass_args(const at::Tensor& x, const ChannelView& view, const
   a.stride_n = view.stride_n;
   a.stride_c = view.stride_c;
   a.stride_l = view.stride_l;
+  const int64_t M = view.N * view.L;
+  for (int j = 0; j < kPivotSamples; ++j) {
+    const int64_t e = M > 0 ? pivot_sample(j, M) : 0;
+    a.pivot_samples[j] = M > 0 ? (e / view.L) * view.stride_n + (e % view.L) * view.stride_l : 0;
+  }
   return a;
 }
 

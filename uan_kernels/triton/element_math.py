@@ -9,9 +9,10 @@ Conventions: a kernel holds its ``K`` components as tuples of ``K`` blocks
 per element, never padded ones. Per-component constants are ``[BLOCK_C, 1]``
 blocks, element values ``[BLOCK_C, BLOCK_E]`` blocks. Elements enter as
 ``xs = x - pivot``, centred on a per-channel pivot (a value of the channel), so
-that folded offsets such as ``b_k = -a_k (mu_k - pivot)`` stay of the order of
-the data's spread and do not cancel when ``|x| >> spread``. All arithmetic
-happens in the dtype of the inputs (float32, or float64 for float64 tensors).
+that folded offsets stay of the order of the data's spread and do not cancel
+when ``|x| >> spread``. Element arithmetic happens in the dtype of the inputs
+(float32, or float64 for float64 tensors); the logits' coefficients are taken
+in float64 first (:func:`relative_logit_coefficients`).
 
 Notation of DESIGN.md: ``tau`` responsibilities, ``d = x - m_k``,
 ``T = dL/dtau``, ``U = dL/dlogit``.
@@ -24,10 +25,10 @@ import triton.language as tl
 from .interpreter import INTERPRETED
 
 LOG2E = tl.constexpr(1.4426950408889634)
-# t_k = a_k (x - mu_k) with a_k = RESPONSIBILITY_SCALE / sigma_k makes the base-2
-# logit's quadratic term exactly t_k**2: log2(e) * z**2 / 2 = t**2.
+# s_k = a_k (x - mu_k) with a_k = RESPONSIBILITY_SCALE / sigma_k has
+# log2(e) * z**2 / 2 = s**2 (the standardised element of the mixture-parameter sums).
 RESPONSIBILITY_SCALE = tl.constexpr(math.sqrt(1.4426950408889634 / 2))
-# (x - mu) / sigma**2 = t * a * GRADIENT_SCALE and z**2 = t**2 * GRADIENT_SCALE.
+# (x - mu) / sigma**2 = s * a * GRADIENT_SCALE and z**2 = s**2 * GRADIENT_SCALE.
 GRADIENT_SCALE = tl.constexpr(2 / 1.4426950408889634)
 # The interpreter runs no PTX.
 _PTX = tl.constexpr(not INTERPRETED)
@@ -66,36 +67,85 @@ def log2_mixing_weights(mix_logits, K: tl.constexpr):
 
 
 @triton.jit
-def logit_coefficients(mu, log_sigma, log2_lam, pivot):
-    """Per-component ``(a, b, prior)``: ``log2(e) * logit = prior - (a * xs + b)**2``.
+def logit_expansion(mu, log_sigma, log_prior, pivot):
+    """float64 ``(curvature, tilt, value)`` of ``log2(e) logit = value - 2 tilt xs - curvature xs**2``.
 
-    ``a = RESPONSIBILITY_SCALE / sigma``, ``b = -a (mu - pivot)``,
-    ``prior = log2(lam) - log2(e) log_sigma``: one multiply-add and one
-    negated multiply-add per element and component.
+    ``curvature = log2(e) / (2 sigma**2)``, ``tilt = curvature (pivot - mu)``,
+    ``value`` the scaled logit at the pivot; ``log_prior`` may be the mixing
+    logits (a constant shared by the components cancels in ``tau``).
     """
-    a = RESPONSIBILITY_SCALE * tl.exp(-log_sigma)
-    b = (pivot - mu) * a
-    prior = log2_lam - LOG2E * log_sigma
-    return a, b, prior
+    mu = mu.to(tl.float64)
+    log_sigma = log_sigma.to(tl.float64)
+    curvature = tl.exp(-2.0 * log_sigma) * (0.5 * LOG2E)
+    q = pivot.to(tl.float64) - mu
+    tilt = curvature * q
+    return curvature, tilt, (log_prior.to(tl.float64) - log_sigma) * LOG2E - tilt * q
 
 
 @triton.jit
-def component_weights(xs, a, b, prior, K: tl.constexpr):
-    """``(t, e, total)``: ``t_k = a_k xs + b_k``, unnormalised ``e_k`` and ``total = sum_k e_k``.
+def relative_logit_coefficients(mu, log_sigma, mix_logits, pivot, K: tl.constexpr, ACC: tl.constexpr):
+    """Tuples ``(alpha, beta, gamma)``: ``log2(e) (logit_k - logit_r) = (alpha_k xs + beta_k) xs + gamma_k``.
+
+    ``r`` is each channel's widest component (the largest ``log_sigma``, the
+    first on ties), whose logit varies least over the data; its coefficients
+    are zero. The differences are taken in float64 and then rounded, so an
+    element far from every component keeps the competing components'
+    difference, which squaring ``(x - mu_k) / sigma_k`` in float32 would round
+    away (README, fidelity notes). ``mu``, ``log_sigma``: tuples of per-channel
+    blocks; ``mix_logits``: a tuple of scalars.
+    """
+    expansions = ()
+    for k in tl.static_range(K):
+        expansions = expansions + (logit_expansion(mu[k], log_sigma[k], mix_logits[k], pivot),)
+    ref_curvature, ref_tilt, ref_value = expansions[0]
+    ref_log_sigma = log_sigma[0]
+    for k in tl.static_range(1, K):
+        wider = log_sigma[k] > ref_log_sigma
+        ref_log_sigma = tl.where(wider, log_sigma[k], ref_log_sigma)
+        ref_curvature = tl.where(wider, expansions[k][0], ref_curvature)
+        ref_tilt = tl.where(wider, expansions[k][1], ref_tilt)
+        ref_value = tl.where(wider, expansions[k][2], ref_value)
+    alpha = ()
+    beta = ()
+    gamma = ()
+    for k in tl.static_range(K):
+        curvature, tilt, value = expansions[k]
+        alpha = alpha + ((ref_curvature - curvature).to(ACC),)
+        beta = beta + ((2.0 * (ref_tilt - tilt)).to(ACC),)
+        gamma = gamma + ((value - ref_value).to(ACC),)
+    return alpha, beta, gamma
+
+
+@triton.jit
+def relative_logits(xs, alpha, beta, gamma, K: tl.constexpr):
+    """``(t, logits)``: ``t_k = alpha_k xs + beta_k`` and the relative logits ``t_k xs + gamma_k``."""
+    t = ()
+    logits = ()
+    for k in tl.static_range(K):
+        t_k = alpha[k] * xs + beta[k]
+        t = t + (t_k,)
+        logits = logits + (t_k * xs + gamma[k],)
+    return t, logits
+
+
+@triton.jit
+def largest_logit(logits, K: tl.constexpr):
+    top = logits[0]
+    for k in tl.static_range(1, K):
+        top = tl.maximum(top, logits[k])
+    return top
+
+
+@triton.jit
+def component_weights(xs, alpha, beta, gamma, K: tl.constexpr):
+    """``(t, e, total)``: ``t_k = alpha_k xs + beta_k``, unnormalised ``e_k`` and ``total = sum_k e_k``.
 
     ``tau_k = e_k / total``. The largest logit is subtracted before ``exp2``, so
     an element far from every component still gets a valid distribution (the
     largest ``e_k`` is exactly 1, so ``total`` is in ``[1, K]``).
     """
-    t = ()
-    logits = ()
-    for k in tl.static_range(K):
-        t_k = a[k] * xs + b[k]
-        t = t + (t_k,)
-        logits = logits + (prior[k] - t_k * t_k,)
-    top = logits[0]
-    for k in tl.static_range(1, K):
-        top = tl.maximum(top, logits[k])
+    t, logits = relative_logits(xs, alpha, beta, gamma, K)
+    top = largest_logit(logits, K)
     e = (tl.exp2(logits[0] - top),)
     total = e[0]
     for k in tl.static_range(1, K):
@@ -120,17 +170,23 @@ def mixture_transform(xs, e, scale, offset, K: tl.constexpr):
 
 
 @triton.jit
-def accumulate_moments(mass, first, second, e, inv_total, xs, K: tl.constexpr):
-    """Add an element's ``tau_k``, ``tau_k xs`` and ``tau_k xs**2`` to the running per-lane sums."""
+def accumulate_moments(mass, first, second, e, inv_total, x, pivots, K: tl.constexpr):
+    """Add an element's ``tau_k``, ``tau_k d_k`` and ``tau_k d_k**2`` (``d_k = x - pivot_k``) to the running sums.
+
+    Each component's sums are about its own pivot, a value of the channel where
+    it competes, so they stay of the order of its spread however far it lies
+    from the channel's pivot.
+    """
     new_mass = ()
     new_first = ()
     new_second = ()
     for k in tl.static_range(K):
         tau = e[k] * inv_total
-        tau_x = tau * xs
+        d = x - pivots[k]
+        tau_d = tau * d
         new_mass = new_mass + (mass[k] + tau,)
-        new_first = new_first + (first[k] + tau_x,)
-        new_second = new_second + (second[k] + tau_x * xs,)
+        new_first = new_first + (first[k] + tau_d,)
+        new_second = new_second + (second[k] + tau_d * d,)
     return new_mass, new_first, new_second
 
 
@@ -183,33 +239,52 @@ def given_stats_dtau(xs, dout, e, scale, delta, K: tl.constexpr):
 
 
 @triton.jit
-def logit_gradients(e, dtau, t, inv_total, weighted_dtau, a, K: tl.constexpr):
-    """``(U t, U, sum_k U_k (x - mu_k) / sigma_k**2)`` with ``U_k = tau_k (T_k - sum_j tau_j T_j)``.
+def logit_gradients(e, dtau, t, inv_total, weighted_dtau, alpha, xs, K: tl.constexpr):
+    """``(U, sum_k U_k (x - mu_k) / sigma_k**2)`` with ``U_k = tau_k (T_k - sum_j tau_j T_j)``.
 
-    ``(x - mu_k) / sigma_k**2 = t_k a_k GRADIENT_SCALE``; the last term is what
-    ``dx`` loses through the logits (``d logit / d x = -(x - mu) / sigma**2``).
+    The second is what ``dx`` loses through the logits (``d logit / d x = -(x - mu) / sigma**2``),
+    taken through the relative logits: the ``U_k`` sum to 0, so it is
+    ``-sum_k U_k d D_k / d xs / log2(e)`` with ``d D_k / d xs = alpha_k xs + t_k``,
+    which does not grow with the distance from the mixture.
     """
     mean_dtau = weighted_dtau * inv_total
-    u_t = ()
     u = ()
-    through_logits = tl.zeros_like(mean_dtau)
+    through_relative = tl.zeros_like(mean_dtau)
     for k in tl.static_range(K):
         u_k = (e[k] * inv_total) * (dtau[k] - mean_dtau)
-        u_t_k = u_k * t[k]
         u = u + (u_k,)
-        u_t = u_t + (u_t_k,)
-        through_logits += (a[k] * GRADIENT_SCALE) * u_t_k
-    return u_t, u, through_logits
+        through_relative += u_k * (alpha[k] * xs + t[k])
+    return u, through_relative * (-1.0 / LOG2E)
 
 
 @triton.jit
-def accumulate_logit_gradients(sum_u_t, sum_u_t2, sum_u, u_t, u, t, K: tl.constexpr):
-    """Add ``U t``, ``U t**2`` and ``U`` (for ``d mu``, ``d log_sigma``, ``d log lam``) to the running sums."""
-    new_u_t = ()
-    new_u_t2 = ()
+def accumulate_logit_gradients(sum_u_xs, sum_u_xs2, sum_u, u, xs, K: tl.constexpr):
+    """Add ``U xs``, ``U xs**2`` and ``U`` to the running sums (:func:`standardized_sums` turns them
+    into the sums ``d mu``, ``d log_sigma`` and ``d log lam`` need)."""
+    new_u_xs = ()
+    new_u_xs2 = ()
     new_u = ()
     for k in tl.static_range(K):
-        new_u_t = new_u_t + (sum_u_t[k] + u_t[k],)
-        new_u_t2 = new_u_t2 + (sum_u_t2[k] + u_t[k] * t[k],)
+        u_xs = u[k] * xs
+        new_u_xs = new_u_xs + (sum_u_xs[k] + u_xs,)
+        new_u_xs2 = new_u_xs2 + (sum_u_xs2[k] + u_xs * xs,)
         new_u = new_u + (sum_u[k] + u[k],)
-    return new_u_t, new_u_t2, new_u
+    return new_u_xs, new_u_xs2, new_u
+
+
+@triton.jit
+def standardization(mu, log_sigma, pivot):
+    """``(a, b)``: ``s = a xs + b = RESPONSIBILITY_SCALE (x - mu) / sigma``, so that ``z**2 = GRADIENT_SCALE s**2``."""
+    a = RESPONSIBILITY_SCALE * tl.exp(-log_sigma)
+    return a, (pivot - mu) * a
+
+
+@triton.jit
+def standardized_sums(a, b, sum_u_xs, sum_u_xs2, sum_u):
+    """``(sum U s, sum U s**2)`` from ``sum U xs``, ``sum U xs**2``, ``sum U``, in float64
+    (``s = a xs + b``): ``a R1 + b R3`` and ``a**2 R2 + 2 a b R1 + b**2 R3``."""
+    a = a.to(tl.float64)
+    b = b.to(tl.float64)
+    r1 = sum_u_xs.to(tl.float64)
+    r3 = sum_u.to(tl.float64)
+    return a * r1 + b * r3, a * (a * sum_u_xs2.to(tl.float64) + 2.0 * b * r1) + b * b * r3

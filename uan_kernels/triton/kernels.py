@@ -21,6 +21,8 @@ _BATCH_DEPENDENT_ARGS = ["N", "num_m_tiles", "tiles_per_program"]
 
 # Globals read inside kernels must be constexpr.
 _MASS_EPS = tl.constexpr(MASS_EPS)
+# Samples per channel for the statistics pass's component pivots (uan_constants.h, kPivotSamples).
+PIVOT_SAMPLES = tl.constexpr(16)
 
 
 # --------------------------------------------------------------------------- #
@@ -93,19 +95,48 @@ def _channel_pivot(x_ptr, x_c, c_ok, ACC: tl.constexpr):
 @triton.jit
 def _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C, pivot, K: tl.constexpr,
                               ACC: tl.constexpr):
-    """Per component ``(a, b, prior)`` as ``[BLOCK_C, 1]`` blocks, and ``log2(lam)`` (scalars)."""
-    log2_lam = tm.log2_mixing_weights(_load_scalars(mix_logits_ptr, K, ACC), K)
-    a = ()
-    b = ()
-    prior = ()
+    """Per component ``(alpha, beta, gamma)`` of the relative logits as ``[BLOCK_C, 1]`` blocks, and ``log2(lam)``."""
+    mix_logits = _load_scalars(mix_logits_ptr, K, ACC)
+    mu = ()
+    log_sigma = ()
     for k in tl.static_range(K):
-        a_k, b_k, prior_k = tm.logit_coefficients(
-            _load_row(mu_ptr, k, c, C, 0.0, ACC), _load_row(log_sigma_ptr, k, c, C, 0.0, ACC), log2_lam[k], pivot
-        )
-        a = a + (a_k[:, None],)
-        b = b + (b_k[:, None],)
-        prior = prior + (prior_k[:, None],)
-    return a, b, prior, log2_lam
+        mu = mu + (_load_row(mu_ptr, k, c, C, 0.0, ACC),)
+        log_sigma = log_sigma + (_load_row(log_sigma_ptr, k, c, C, 0.0, ACC),)
+    alpha, beta, gamma = tm.relative_logit_coefficients(mu, log_sigma, mix_logits, pivot, K, ACC)
+    alpha_blocks = ()
+    beta_blocks = ()
+    gamma_blocks = ()
+    for k in tl.static_range(K):
+        alpha_blocks = alpha_blocks + (alpha[k][:, None],)
+        beta_blocks = beta_blocks + (beta[k][:, None],)
+        gamma_blocks = gamma_blocks + (gamma[k][:, None],)
+    return alpha_blocks, beta_blocks, gamma_blocks, tm.log2_mixing_weights(mix_logits, K)
+
+
+@triton.jit
+def _component_pivots(x_ptr, x_c, c_ok, N, L, x_sn, x_sl, pivot, alpha, beta, gamma, K: tl.constexpr,
+                      ACC: tl.constexpr):
+    """The statistics pass's pivot of each component, a tuple of ``[BLOCK_C]`` blocks.
+
+    Of ``PIVOT_SAMPLES`` elements evenly spread over the channel, the first whose
+    relative logit is closest to its largest (a value of the channel where the
+    component competes; the channel's pivot if every sample is NaN), as the C++
+    kernels choose them (``uan_constants.h``). Every program computes the same.
+    """
+    j = tl.arange(0, PIVOT_SAMPLES)
+    e = j.to(tl.int64) * (N.to(tl.int64) * L) // PIVOT_SAMPLES
+    offsets = (e // L) * x_sn + (e % L) * x_sl
+    samples = tl.load(x_ptr + x_c[:, None] + offsets[None, :], mask=c_ok[:, None], other=0.0).to(ACC)
+    _, logits = tm.relative_logits(samples - pivot[:, None], alpha, beta, gamma, K)
+    top = tm.largest_logit(logits, K)
+    pivots = ()
+    for k in tl.static_range(K):
+        score = logits[k] - top
+        best = tl.max(tl.where(score == score, score, float("-inf")), 1)
+        first = tl.min(tl.where(score == best[:, None], j[None, :], PIVOT_SAMPLES), 1)
+        chosen = tl.sum(tl.where(j[None, :] == first[:, None], samples, 0.0), 1)
+        pivots = pivots + (tl.where(first < PIVOT_SAMPLES, chosen, pivot),)
+    return pivots
 
 
 @triton.jit
@@ -165,22 +196,31 @@ def _store_rounded(ptrs, value, mask, BF16_BY_BITS: tl.constexpr):
 
 @triton.jit(do_not_specialize=_BATCH_DEPENDENT_ARGS)
 def _stats_partials_kernel(
-    x_ptr, mu_ptr, log_sigma_ptr, mix_logits_ptr, partials_ptr,
+    x_ptr, mu_ptr, log_sigma_ptr, mix_logits_ptr, partials_ptr, pivots_ptr,
     N, C, L, x_sn, x_sc, x_sl,
     num_m_tiles, l_tiles, tiles_per_program,
     K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Statistics pass: per program ``sum tau``, ``sum tau xs`` and ``sum tau xs**2`` of its element tiles.
+    """Statistics pass: per program ``sum tau``, ``sum tau d`` and ``sum tau d**2`` of its element tiles.
 
-    ``xs = x - pivot_c`` (the channel's first element), so the sums are of the
-    order of the spread and not of ``|mean|``. Rows ``partials[program, q, k, c]``.
+    ``d = x - pivot_k``, the component's pivot (:func:`_component_pivots`,
+    written to ``pivots`` by the first program of each channel tile), so the
+    sums are of the order of the component's spread and not of ``|mean|`` or of
+    the distance between components. Rows ``partials[program, q, k, c]``.
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     program = tl.program_id(1)
     c_ok = c < C
     x_c = c.to(tl.int64) * x_sc
     pivot = _channel_pivot(x_ptr, x_c, c_ok, ACC)
-    a, b, prior, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C, pivot, K, ACC)
+    rel_alpha, rel_beta, rel_gamma, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C, pivot, K, ACC)
+    component_pivots = _component_pivots(x_ptr, x_c, c_ok, N, L, x_sn, x_sl, pivot, rel_alpha, rel_beta, rel_gamma, K,
+                                         ACC)
+    pivots = ()
+    for k in tl.static_range(K):
+        if program == 0:
+            _store_row(pivots_ptr, k, c, C, component_pivots[k])
+        pivots = pivots + (component_pivots[k][:, None],)
     lane_n, lane_pos = _tile_lanes(BLOCK_N, BLOCK_L)
     x_ptrs = x_ptr + _lane_offsets(c, x_sc, x_sn, x_sl, BLOCK_N, BLOCK_L)
     pivot = pivot[:, None]
@@ -193,10 +233,10 @@ def _stats_partials_kernel(
     for tile in range(start, tl.minimum(start + tiles_per_program, num_m_tiles)):
         n0, pos0 = _tile_origin(tile, l_tiles, BLOCK_N, BLOCK_L)
         ok = c_ok[:, None] & ((lane_n < N - n0) & (lane_pos < L - pos0))[None, :]
-        xs = tl.load(x_ptrs + _tile_offset(n0, pos0, x_sn, x_sl), mask=ok, other=0.0).to(ACC) - pivot
-        t, e, total = tm.component_weights(xs, a, b, prior, K)
+        x = tl.load(x_ptrs + _tile_offset(n0, pos0, x_sn, x_sl), mask=ok, other=0.0).to(ACC)
+        t, e, total = tm.component_weights(x - pivot, rel_alpha, rel_beta, rel_gamma, K)
         inv_total = tl.where(ok, tm.reciprocal(total), 0.0)  # lanes outside the tensor add nothing
-        mass, first, second = tm.accumulate_moments(mass, first, second, e, inv_total, xs, K)
+        mass, first, second = tm.accumulate_moments(mass, first, second, e, inv_total, x, pivots, K)
 
     row = partials_ptr + program.to(tl.int64) * (3 * K * C)
     _store_lane_sums(row, mass, c, C, K)
@@ -206,19 +246,20 @@ def _stats_partials_kernel(
 
 @triton.jit(do_not_specialize=["num_partials"])
 def _stats_finalize_kernel(
-    partials_ptr, x_ptr, mean_ptr, var_ptr, mass_ptr,
-    num_partials, C, x_sc,
+    partials_ptr, pivots_ptr, mean_ptr, var_ptr, mass_ptr,
+    num_partials, C,
     K: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     """Second stage of the statistics: the programs' sums, added in a fixed order, to SPEC's statistics.
 
     ``mass = S``, ``mean = sum tau x / (S + 1e-12)``,
     ``var = sum tau (x - mean)**2 / (S + 1e-12)`` (the ``1e-12`` makes an empty
-    component's statistics zero rather than NaN).
+    component's statistics zero rather than NaN). The sums are about each
+    component's pivot, ``pivots[k, c]``.
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    pivot = _channel_pivot(x_ptr, c.to(tl.int64) * x_sc, c < C, ACC)
     for k in tl.static_range(K):
+        pivot = _load_row(pivots_ptr, k, c, C, 0.0, ACC)
         mass = tl.zeros([BLOCK_C], ACC)
         first = tl.zeros([BLOCK_C], ACC)
         second = tl.zeros([BLOCK_C], ACC)
@@ -228,8 +269,8 @@ def _stats_finalize_kernel(
             first += _load_row(row + K * C, k, c, C, 0.0, ACC)
             second += _load_row(row + 2 * K * C, k, c, C, 0.0, ACC)
             row += 3 * K * C
-        shift = first / tl.where(mass > 0, mass, 1.0)  # weighted mean of xs
-        m2 = tl.maximum(second - first * shift, 0.0)  # sum tau (xs - shift)**2
+        shift = first / tl.where(mass > 0, mass, 1.0)  # weighted mean of d = x - pivot
+        m2 = tl.maximum(second - first * shift, 0.0)  # sum tau (d - shift)**2
         weighted_mean = pivot + shift
         denominator = mass + _MASS_EPS
         spec_mean = weighted_mean * (mass / denominator)
@@ -242,20 +283,20 @@ def _stats_finalize_kernel(
 
 @triton.jit(do_not_specialize=["num_partials"])
 def _stats_sums_kernel(
-    partials_ptr, x_ptr, mu_ptr, sums_ptr,
-    num_partials, C, x_sc,
+    partials_ptr, pivots_ptr, mu_ptr, sums_ptr,
+    num_partials, C,
     K: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     """The statistics pass's sums about the component means, ``(3, K, C)`` float64 (``uan::triton_statistics``).
 
-    The programs' partials (about each channel's pivot ``p``) are added in
+    The programs' partials (about each component's pivot ``p = pivots[k, c]``) are added in
     float64 in a fixed order, then moved to the pivot ``mu`` that every process
     knows, so that sums of several batches add:
     ``T1' = T1 + (p - mu) S``, ``T2' = T2 + 2 (p - mu) T1 + (p - mu)**2 S``.
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    pivot = _channel_pivot(x_ptr, c.to(tl.int64) * x_sc, c < C, ACC).to(tl.float64)
     for k in tl.static_range(K):
+        pivot = _load_row(pivots_ptr, k, c, C, 0.0, tl.float64)
         mass = tl.zeros([BLOCK_C], tl.float64)
         first = tl.zeros([BLOCK_C], tl.float64)
         second = tl.zeros([BLOCK_C], tl.float64)
@@ -330,7 +371,7 @@ def _normalize_kernel(
     c_ok = c < C
     x_c = c.to(tl.int64) * x_sc
     pivot = _channel_pivot(x_ptr, x_c, c_ok, ACC)
-    a, b, prior, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C, pivot, K, ACC)
+    rel_alpha, rel_beta, rel_gamma, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C, pivot, K, ACC)
     gamma = _load_channel(weight_ptr, c, C, 1.0, HAS_WEIGHT, ACC)
     beta = _load_channel(bias_ptr, c, C, 0.0, HAS_BIAS, ACC)
     if MIXTURE_STATISTICS:
@@ -354,7 +395,7 @@ def _normalize_kernel(
         n0, pos0 = _tile_origin(tile, l_tiles, BLOCK_N, BLOCK_L)
         ok = c_ok[:, None] & ((lane_n < N - n0) & (lane_pos < L - pos0))[None, :]
         xs = tl.load(x_ptrs + _tile_offset(n0, pos0, x_sn, x_sl), mask=ok, other=0.0).to(ACC) - pivot
-        t, e, total = tm.component_weights(xs, a, b, prior, K)
+        t, e, total = tm.component_weights(xs, rel_alpha, rel_beta, rel_gamma, K)
         y = tm.mixture_transform(xs, e, scales, offsets, K) * tm.reciprocal(total)
         _store_rounded(out_ptrs + _tile_offset(n0, pos0, out_sn, out_sl), y, ok, BF16_BY_BITS)
 
@@ -382,7 +423,7 @@ def _backward_reduce_kernel(
     c_ok = c < C
     x_c = c.to(tl.int64) * x_sc
     pivot = _channel_pivot(x_ptr, x_c, c_ok, ACC)
-    a, b, prior, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C, pivot, K, ACC)
+    rel_alpha, rel_beta, rel_gamma, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C, pivot, K, ACC)
     delta = ()
     for k in tl.static_range(K):
         delta = delta + ((_load_row(mean_ptr, k, c, C, 0.0, ACC) - pivot)[:, None],)
@@ -402,7 +443,7 @@ def _backward_reduce_kernel(
         xs = tl.load(x_ptrs + _tile_offset(n0, pos0, x_sn, x_sl), mask=ok, other=0.0).to(ACC) - pivot
         # dout is 0 outside the tensor, so those lanes add nothing.
         dout = tl.load(dout_ptrs + _tile_offset(n0, pos0, dout_sn, dout_sl), mask=ok, other=0.0).to(ACC)
-        t, e, total = tm.component_weights(xs, a, b, prior, K)
+        t, e, total = tm.component_weights(xs, rel_alpha, rel_beta, rel_gamma, K)
         dout_per_total = dout * tm.reciprocal(total)
         dout_tau, dout_tau_d = tm.accumulate_dout_moments(dout_tau, dout_tau_d, dout_per_total, e, xs, delta, K)
         dout_sum += dout
@@ -496,15 +537,16 @@ def _backward_elementwise_kernel(
     Eval: given statistics; the pass also sums ``dout tau``, ``dout tau d`` and
     ``dout`` (``stat_partials``, laid out as the reduction pass's), which eval
     needs only for the statistics' and affine gradients. ``MIXTURE_GRAD``: also
-    sum ``U t``, ``U t**2`` and ``U`` (``mixture_partials``) for ``d mu``,
-    ``d log_sigma`` and ``d log(lam)``.
+    sum ``U s``, ``U s**2`` and ``U`` (``mixture_partials``; ``s`` the standardised
+    element of ``tm.standardization``, summed as ``U xs``, ``U xs**2`` and turned
+    into them once per program) for ``d mu``, ``d log_sigma`` and ``d log(lam)``.
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     program = tl.program_id(1)
     c_ok = c < C
     x_c = c.to(tl.int64) * x_sc
     pivot = _channel_pivot(x_ptr, x_c, c_ok, ACC)
-    a, b, prior, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C, pivot, K, ACC)
+    rel_alpha, rel_beta, rel_gamma, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C, pivot, K, ACC)
     gamma = _load_channel(weight_ptr, c, C, 1.0, HAS_WEIGHT, ACC)
     scale = _statistic_scales(log2_lam, var_ptr, c, C, gamma, K, EPS, ACC)
     scales = ()
@@ -524,11 +566,11 @@ def _backward_elementwise_kernel(
     x_ptrs = x_ptr + _lane_offsets(c, x_sc, x_sn, x_sl, BLOCK_N, BLOCK_L)
     dout_ptrs = dout_ptr + _lane_offsets(c, dout_sc, dout_sn, dout_sl, BLOCK_N, BLOCK_L)
     dx_ptrs = dx_ptr + _lane_offsets(c, dx_sc, dx_sn, dx_sl, BLOCK_N, BLOCK_L)
-    pivot = pivot[:, None]
+    lane_pivot = pivot[:, None]
 
     shape: tl.constexpr = [BLOCK_C, BLOCK_N * BLOCK_L]
-    sum_u_t = _zeros(shape, K, ACC)
-    sum_u_t2 = _zeros(shape, K, ACC)
+    sum_u_xs = _zeros(shape, K, ACC)
+    sum_u_xs2 = _zeros(shape, K, ACC)
     sum_u = _zeros(shape, K, ACC)
     dout_tau = _zeros(shape, K, ACC)
     dout_tau_d = _zeros(shape, K, ACC)
@@ -537,9 +579,9 @@ def _backward_elementwise_kernel(
     for tile in range(start, tl.minimum(start + tiles_per_program, num_m_tiles)):
         n0, pos0 = _tile_origin(tile, l_tiles, BLOCK_N, BLOCK_L)
         ok = c_ok[:, None] & ((lane_n < N - n0) & (lane_pos < L - pos0))[None, :]
-        xs = tl.load(x_ptrs + _tile_offset(n0, pos0, x_sn, x_sl), mask=ok, other=0.0).to(ACC) - pivot
+        xs = tl.load(x_ptrs + _tile_offset(n0, pos0, x_sn, x_sl), mask=ok, other=0.0).to(ACC) - lane_pivot
         dout = tl.load(dout_ptrs + _tile_offset(n0, pos0, dout_sn, dout_sl), mask=ok, other=0.0).to(ACC)
-        t, e, total = tm.component_weights(xs, a, b, prior, K)
+        t, e, total = tm.component_weights(xs, rel_alpha, rel_beta, rel_gamma, K)
         inv_total = tl.where(ok, tm.reciprocal(total), 0.0)  # lanes outside the tensor add nothing
         if TRAINING:
             dtau, weighted_dtau, weighted_direct = tm.batch_stats_dtau(
@@ -550,17 +592,22 @@ def _backward_elementwise_kernel(
             dout_tau, dout_tau_d = tm.accumulate_dout_moments(dout_tau, dout_tau_d, dout * inv_total, e, xs,
                                                               delta, K)
             dout_sum += dout
-        u_t, u, through_logits = tm.logit_gradients(e, dtau, t, inv_total, weighted_dtau, a, K)
+        u, through_logits = tm.logit_gradients(e, dtau, t, inv_total, weighted_dtau, rel_alpha, xs, K)
         dx = weighted_direct * inv_total - through_logits
         _store_rounded(dx_ptrs + _tile_offset(n0, pos0, dx_sn, dx_sl), dx, ok, BF16_BY_BITS)
         if MIXTURE_GRAD:
-            sum_u_t, sum_u_t2, sum_u = tm.accumulate_logit_gradients(sum_u_t, sum_u_t2, sum_u, u_t, u, t, K)
+            sum_u_xs, sum_u_xs2, sum_u = tm.accumulate_logit_gradients(sum_u_xs, sum_u_xs2, sum_u, u, xs, K)
 
     if MIXTURE_GRAD:
         row = mixture_partials_ptr + program.to(tl.int64) * (3 * K * C)
-        _store_lane_sums(row, sum_u_t, c, C, K)
-        _store_lane_sums(row + K * C, sum_u_t2, c, C, K)
-        _store_lane_sums(row + 2 * K * C, sum_u, c, C, K)
+        for k in tl.static_range(K):
+            std_a, std_b = tm.standardization(_load_row(mu_ptr, k, c, C, 0.0, ACC),
+                                              _load_row(log_sigma_ptr, k, c, C, 0.0, ACC), pivot)
+            program_u = tl.sum(sum_u[k], 1)
+            u_s, u_s2 = tm.standardized_sums(std_a, std_b, tl.sum(sum_u_xs[k], 1), tl.sum(sum_u_xs2[k], 1), program_u)
+            _store_row(row, k, c, C, u_s)
+            _store_row(row + K * C, k, c, C, u_s2)
+            _store_row(row + 2 * K * C, k, c, C, program_u)
     if not TRAINING:
         row = stat_partials_ptr + program.to(tl.int64) * ((2 * K + 1) * C)
         _store_lane_sums(row, dout_tau, c, C, K)
@@ -577,8 +624,8 @@ def _mixture_gradients_kernel(
 ):
     """One program: the mixture parameters' gradients from the elementwise pass's sums.
 
-    ``d mu = a GRADIENT_SCALE sum U t``, ``d log_sigma = GRADIENT_SCALE sum U t**2 - sum U``
-    (``z**2 = GRADIENT_SCALE t**2``); ``d log(lam_k) = sum_c [sum U_k + Gv_k (v_k + eps)]``
+    ``d mu = a GRADIENT_SCALE sum U s``, ``d log_sigma = GRADIENT_SCALE sum U s**2 - sum U``
+    (``z**2 = GRADIENT_SCALE s**2``); ``d log(lam_k) = sum_c [sum U_k + Gv_k (v_k + eps)]``
     (the second term is ``-a_k r_k B_k / 2`` through ``a_k = lam_k**-0.5``), then
     the softmax Jacobian to ``d mix_logits``. Summed over every channel, hence one program.
     """

@@ -103,17 +103,19 @@ def _launch_normalize(x3, out3, mu, log_sigma, mix_logits, mean, var, weight, bi
     )
 
 
-def _launch_stats_partials(x3, mu, log_sigma, mix_logits, tiles, acc) -> Tensor:
-    """The statistics pass: per program, sums about each channel's pivot, ``(programs, 3, K, C)``."""
+def _launch_stats_partials(x3, mu, log_sigma, mix_logits, tiles, acc) -> Tuple[Tensor, Tensor]:
+    """The statistics pass: per program, sums about each component's pivot, ``(programs, 3, K, C)``, and the
+    pivots, ``(K, C)``."""
     K, C = mu.shape
     N, _, L = x3.shape
     partials = torch.empty((tiles.programs, 3, K, C), dtype=acc, device=x3.device)
+    pivots = torch.empty((K, C), dtype=acc, device=x3.device)
     kernels._stats_partials_kernel[tiles.grid](
-        x3, mu, log_sigma, mix_logits, partials,
+        x3, mu, log_sigma, mix_logits, partials, pivots,
         N, C, L, *x3.stride(), *tiles.kernel_args(),
         K=K, ACC=_triton_dtype(acc), **tiles.kernel_meta(),
     )
-    return partials
+    return partials, pivots
 
 
 def launch_train_forward(x, mu, log_sigma, mix_logits, weight, bias, eps):
@@ -132,9 +134,9 @@ def launch_train_forward(x, mu, log_sigma, mix_logits, weight, bias, eps):
     tiles = geometry.tile_geometry(x3, K)
     finalize_grid, finalize_block = _finalize_grid(C)
     with _on_device(x):
-        partials = _launch_stats_partials(x3, mu, log_sigma, mix_logits, tiles, acc)
+        partials, pivots = _launch_stats_partials(x3, mu, log_sigma, mix_logits, tiles, acc)
         kernels._stats_finalize_kernel[finalize_grid](
-            partials, x3, mean, var, mass, tiles.programs, C, x3.stride(1),
+            partials, pivots, mean, var, mass, tiles.programs, C,
             K=K, BLOCK_C=finalize_block, ACC=_triton_dtype(acc),
         )
         _launch_normalize(x3, out3, mu, log_sigma, mix_logits, mean, var, weight, bias, eps, tiles)
@@ -156,9 +158,9 @@ def launch_statistics(x, mu, log_sigma, mix_logits):
     tiles = geometry.tile_geometry(x3, K)
     finalize_grid, finalize_block = _finalize_grid(C)
     with _on_device(x):
-        partials = _launch_stats_partials(x3, mu, log_sigma, mix_logits, tiles, acc)
+        partials, pivots = _launch_stats_partials(x3, mu, log_sigma, mix_logits, tiles, acc)
         kernels._stats_sums_kernel[finalize_grid](
-            partials, x3, mu, sums, tiles.programs, C, x3.stride(1),
+            partials, pivots, mu, sums, tiles.programs, C,
             K=K, BLOCK_C=finalize_block, ACC=_triton_dtype(acc),
         )
     return sums
