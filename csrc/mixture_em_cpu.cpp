@@ -1,9 +1,13 @@
-// MixtureNorm's EM M-step on CPU (uan::em_m_step): the O(K*C) update between
-// two statistics passes in one call. In PyTorch it is about twenty tensor ops
-// of a few microseconds each, which on a subsample cost as much as the pass
-// itself (uan_kernels/mixture_norm.py, _m_step_from_sums, is its definition
-// and the path on other devices).
+// MixtureNorm's EM helpers on CPU (uan_kernels/mixture_norm.py holds their
+// PyTorch definitions, which other devices run):
+// - uan::em_m_step, the O(K*C) update between two statistics passes in one
+//   call. In PyTorch it is about twenty tensor ops of a few microseconds
+//   each, which on a subsample cost as much as the pass itself.
+// - uan::gather_samples, the subsample EM fits, in parallel over channels
+//   (index_select over precomputed offsets of every channel runs on one
+//   thread: the gather took as long as two EM iterations).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -88,8 +92,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {mean, var, weight, mu, log_sigma, mix_logits};
 }
 
+at::Tensor gather_samples_cpu(const at::Tensor& input, const at::Tensor& offsets) {
+  const char* op = "uan::gather_samples";
+  TORCH_CHECK(input.dim() >= 2, op, ": input must have shape (N, C, *), got ", input.sizes());
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong, op,
+              ": offsets must be a 1-D int64 tensor, got ", offsets.scalar_type(), " ", offsets.sizes());
+  TORCH_CHECK(offsets.device() == input.device(), op, ": offsets is on ", offsets.device(), " but input is on ",
+              input.device());
+  const int64_t C = input.size(1);
+  const int64_t S = offsets.numel();
+  const int64_t stride_c = input.stride(1);
+  // The largest offset of channel 0 that stays inside the input's storage.
+  int64_t channel_extent = 0;
+  for (int64_t d = 0; d < input.dim(); ++d) {
+    if (d != 1 && input.size(d) > 0) {
+      channel_extent += (input.size(d) - 1) * input.stride(d);
+    }
+  }
+  const auto offsets_c = offsets.contiguous();
+  const int64_t* offset = offsets_c.const_data_ptr<int64_t>();
+  for (int64_t j = 0; j < S; ++j) {
+    TORCH_CHECK(offset[j] >= 0 && offset[j] <= channel_extent && input.numel() > 0, op, ": offset ", offset[j],
+                " is outside channel 0 of the input (0 to ", channel_extent, ")");
+  }
+  auto out = at::empty({1, C, S}, input.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "uan_gather_samples_cpu", [&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const scalar_t* channel = x + c * stride_c;
+        scalar_t* row = y + c * S;
+        for (int64_t j = 0; j < S; ++j) {
+          row[j] = channel[offset[j]];
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(uan, CPU, m) { m.impl("em_m_step", &em_m_step_cpu); }
+TORCH_LIBRARY_IMPL(uan, CPU, m) {
+  m.impl("em_m_step", &em_m_step_cpu);
+  m.impl("gather_samples", &gather_samples_cpu);
+}
 
 }  // namespace uan

@@ -73,6 +73,11 @@ TORCH_LIBRARY(uan, m) {
       "em_m_step(Tensor sums, Tensor pivot, Tensor prev_mean, Tensor prev_var, Tensor var_floor, float min_mass, "
       "float min_weight) -> (Tensor mean, Tensor var, Tensor weight, Tensor mu, Tensor log_sigma, "
       "Tensor mix_logits)");
+  // MixtureNorm's EM subsample: (1, C, S) contiguous, output[0, c, j] =
+  // the input element at offsets[j] from channel c's first element (offsets
+  // in elements, within channel 0, e.g. n * stride(0) + l * stride(2) of an
+  // (N, C, L) view). CPU only (uan_kernels/mixture_norm.py).
+  m.def("gather_samples(Tensor input, Tensor offsets) -> Tensor");
   // update="moving_average": one online EM step of the mixture buffers from a
   // training forward's (K, C) mean, var and mass, in place, in float64 (SPEC).
   m.def(

@@ -302,8 +302,11 @@ def test_runs_on_every_rank_and_memory_format(shape, channels_last):
     assert torch.isfinite(m(x)).all()
 
 
+@pytest.mark.parametrize("gather", ["cpp", "pytorch"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_subsample_takes_the_same_positions_for_every_channel(channels_last):
+def test_subsample_takes_the_same_positions_for_every_channel(channels_last, gather, monkeypatch):
+    if gather == "pytorch":  # the gather of devices without uan::gather_samples
+        monkeypatch.setattr(_backends, "has_em_helpers", lambda device: False)
     torch.manual_seed(0)
     n, c, h, w = 5, 3, 4, 6
     # Value encodes (position, channel): 10 * flat position + channel.
@@ -321,6 +324,37 @@ def test_subsample_takes_the_same_positions_for_every_channel(channels_last):
     for num_samples in (10**6, n * h * w, None):
         assert mixture_norm._em_input(x, num_samples) is x
     assert torch.equal(mixture_norm._channel_values(x).sort(1).values, x.transpose(0, 1).reshape(c, -1).sort(1).values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_cpp_gather_samples_is_the_pytorch_gather(layout, dtype, monkeypatch):
+    x = torch.randn(6, 5, 7, 9).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(6, 10, 7, 9).to(dtype)[:, ::2]  # reshape copies it: the sample comes from the copy
+    samples = []
+    for helpers in (True, False):
+        monkeypatch.setattr(_backends, "has_em_helpers", lambda device: helpers)
+        torch.manual_seed(3)
+        samples.append(mixture_norm._em_input(x, 100))
+    assert samples[0].shape == (1, 5, 100) and samples[0].is_contiguous() and samples[0].dtype == dtype
+    assert torch.equal(samples[0], samples[1])
+
+
+def test_cpp_gather_samples_checks_its_arguments():
+    x = torch.randn(2, 3, 4)
+    torch.library.opcheck(torch.ops.uan.gather_samples.default, (x, torch.tensor([0, 5, 11, 15])))
+    assert torch.equal(torch.ops.uan.gather_samples(x, torch.tensor([15, 0])), x[[1, 0], :, [3, 0]].t()[None])
+    with pytest.raises(RuntimeError, match="outside channel 0"):
+        torch.ops.uan.gather_samples(x, torch.tensor([16]))  # (1, 0, 4): past the last element of channel 0
+    with pytest.raises(RuntimeError, match="outside channel 0"):
+        torch.ops.uan.gather_samples(x, torch.tensor([-1]))
+    with pytest.raises(RuntimeError, match="1-D int64"):
+        torch.ops.uan.gather_samples(x, torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"shape \(N, C, \*\)"):
+        torch.ops.uan.gather_samples(torch.randn(4), torch.tensor([0]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -547,7 +581,7 @@ def test_fused_em_matches_plain_em_over_iterations(device, backend, subsample):
 
 def test_fused_em_with_the_pytorch_m_step_matches_plain_em(monkeypatch):
     """The M-step of devices without ``uan::em_m_step`` (CUDA), run here on CPU."""
-    monkeypatch.setattr(_backends, "has_fused_em_m_step", lambda device: False)
+    monkeypatch.setattr(_backends, "has_em_helpers", lambda device: False)
     assert mixture_norm._m_step_for(torch.device("cpu")) is mixture_norm._m_step_and_parameters
     test_fused_em_matches_plain_em_over_iterations("cpu", "cpp", subsample=True)
 

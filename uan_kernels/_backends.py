@@ -107,8 +107,8 @@ def has_fused_moving_average_update(device: torch.device) -> bool:
     return backend is not None and backend.module.has_kernel(device.type)
 
 
-def has_fused_em_m_step(device: torch.device) -> bool:
-    """Whether ``torch.ops.uan.em_m_step`` (MixtureNorm's M-step in one call) runs on ``device``: CPU builds."""
+def has_em_helpers(device: torch.device) -> bool:
+    """Whether MixtureNorm's C++ EM helpers (``uan::em_m_step``, ``uan::gather_samples``) run on ``device``: CPU."""
     backend, _ = _load("cpp")
     return backend is not None and device.type == "cpu"
 

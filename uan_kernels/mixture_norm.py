@@ -63,8 +63,10 @@ def _em_input(x: Tensor, num_samples: Optional[int]) -> Tensor:
     # In increasing order, so that the gather walks each channel's plane forward.
     flat = torch.randint(x3.shape[0] * positions, (num_samples,), device=x.device).sort().values
     batch, position = flat // positions, flat % positions
+    if _backends.has_em_helpers(x.device):
+        return torch.ops.uan.gather_samples(x3, batch * x3.stride(0) + position * x3.stride(2))
     if x3.is_contiguous():
-        # One gather of (C, n) offsets into the flat input (cheaper than indexing on CPU),
+        # One gather of (C, n) offsets into the flat input (cheaper than indexing),
         # int32 when they fit: half the index bytes to write and read.
         index_dtype = torch.int32 if x.numel() < 2**31 else torch.int64
         first = (batch * (channels * positions) + position).to(index_dtype)
@@ -222,7 +224,7 @@ def _m_step_and_parameters(sums: Tensor, pivot: Tensor, prev_mean: Tensor, prev_
 
 def _m_step_for(device: torch.device) -> MStep:
     """The C++ M-step (one call instead of about twenty small tensor ops) where it runs, else PyTorch's."""
-    return torch.ops.uan.em_m_step if _backends.has_fused_em_m_step(device) else _m_step_and_parameters
+    return torch.ops.uan.em_m_step if _backends.has_em_helpers(device) else _m_step_and_parameters
 
 
 def _fused_em(statistics: StatisticsPass, data: Tensor, mean: Tensor, var: Tensor, lam: Tensor,

@@ -21,6 +21,8 @@ defines the schemas and the CPU (and, when built with CUDA, CUDA) kernels:
 * ``uan::em_m_step(sums, pivot, prev_mean, prev_var, var_floor, min_mass, min_weight) -> (mean, var, weight,
   mu, log_sigma, mix_logits)``: MixtureNorm's EM M-step from the statistics pass's sums, CPU only
   (:func:`uan_kernels.mixture_norm._m_step_from_sums` is its definition)
+* ``uan::gather_samples(input, offsets) -> (1, C, S)``: the subsample MixtureNorm's EM fits, CPU only
+  (:func:`uan_kernels.mixture_norm._em_input`)
 """
 from __future__ import annotations
 
@@ -118,6 +120,11 @@ def _em_m_step_fake(sums, pivot, prev_mean, prev_var, var_floor, min_mass, min_w
         *(pivot.new_empty(pivot.shape) for _ in range(2)),
         pivot.new_empty((K,)),
     )
+
+
+@torch.library.register_fake("uan::gather_samples")
+def _gather_samples_fake(input, offsets):
+    return input.new_empty((1, input.shape[1], offsets.shape[0]))
 
 
 @torch.library.register_fake("uan::moving_average_update_")
