@@ -313,6 +313,10 @@ struct ChannelConstants {
     if (M == 0) {
       return;
     }
+    int64_t offsets[kPivotSamples];  // the same in every channel
+    for (int j = 0; j < kPivotSamples; ++j) {
+      offsets[j] = view.element_offset(pivot_sample(j, M));
+    }
     for (int64_t c = 0; c < C; ++c) {
       acc_t alpha[kMaxComponents], beta[kMaxComponents], gamma[kMaxComponents], pivots[kMaxComponents];
       for (int k = 0; k < K; ++k) {
@@ -320,10 +324,8 @@ struct ChannelConstants {
         beta[k] = at(kBeta, k, c);
         gamma[k] = at(kGamma, k, c);
       }
-      const auto sample = [&](int j) {
-        const int64_t e = pivot_sample(j, M);
-        return static_cast<acc_t>(x[(e / view.L) * view.stride_n + c * view.stride_c + (e % view.L) * view.stride_l]);
-      };
+      const scalar_t* channel = x + c * view.stride_c;
+      const auto sample = [&](int j) { return static_cast<acc_t>(channel[offsets[j]]); };
       component_pivots(sample, pivot[c], K, ResponsibilityConstants<acc_t>{alpha, beta, gamma}, pivots);
       for (int k = 0; k < K; ++k) {
         component_pivot[k * C + c] = pivots[k];

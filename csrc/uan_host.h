@@ -17,6 +17,8 @@ struct ChannelView {
   int64_t stride_n, stride_c, stride_l;
   // Channels are the innermost dim (channels_last, or (N, C) input).
   bool channels_inner() const { return stride_c == 1; }
+  // Memory offset of a channel's element e < N * L from its first element.
+  int64_t element_offset(int64_t e) const { return (e / L) * stride_n + (e % L) * stride_l; }
 };
 
 // x itself when contiguous or channels_last(_3d)-dense, else a contiguous copy.

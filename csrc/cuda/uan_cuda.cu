@@ -907,8 +907,7 @@ PassArgs<scalar_t> pass_args(const at::Tensor& x, const ChannelView& view, const
   a.stride_l = view.stride_l;
   const int64_t M = view.N * view.L;
   for (int j = 0; j < kPivotSamples; ++j) {
-    const int64_t e = M > 0 ? pivot_sample(j, M) : 0;
-    a.pivot_samples[j] = M > 0 ? (e / view.L) * view.stride_n + (e % view.L) * view.stride_l : 0;
+    a.pivot_samples[j] = M > 0 ? view.element_offset(pivot_sample(j, M)) : 0;
   }
   return a;
 }
