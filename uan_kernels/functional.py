@@ -195,7 +195,8 @@ def in_backward_recomputation() -> bool:
 
 
 def training_mixture(mu: Tensor, log_sigma: Tensor, mix_logits: Tensor, update: str, updates: bool):
-    """The mixture a training forward runs with: a copy when the update (``updates``) rewrites the buffers afterwards."""
+    """The mixture a training forward runs with: a copy when the update (``updates``) rewrites the buffers
+    afterwards."""
     if updates and update == "moving_average":
         # The update rewrites the buffers in place; autograd must see the
         # mixture this forward used. An arithmetic copy, not clone():

@@ -213,7 +213,8 @@ def _stats_partials_kernel(
     c_ok = c < C
     x_c = c.to(tl.int64) * x_sc
     pivot = _channel_pivot(x_ptr, x_c, c_ok, ACC)
-    rel_alpha, rel_beta, rel_gamma, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C, pivot, K, ACC)
+    rel_alpha, rel_beta, rel_gamma, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C,
+                                                                         pivot, K, ACC)
     component_pivots = _component_pivots(x_ptr, x_c, c_ok, N, L, x_sn, x_sl, pivot, rel_alpha, rel_beta, rel_gamma, K,
                                          ACC)
     pivots = ()
@@ -371,7 +372,8 @@ def _normalize_kernel(
     c_ok = c < C
     x_c = c.to(tl.int64) * x_sc
     pivot = _channel_pivot(x_ptr, x_c, c_ok, ACC)
-    rel_alpha, rel_beta, rel_gamma, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C, pivot, K, ACC)
+    rel_alpha, rel_beta, rel_gamma, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C,
+                                                                         pivot, K, ACC)
     gamma = _load_channel(weight_ptr, c, C, 1.0, HAS_WEIGHT, ACC)
     beta = _load_channel(bias_ptr, c, C, 0.0, HAS_BIAS, ACC)
     if MIXTURE_STATISTICS:
@@ -423,7 +425,8 @@ def _backward_reduce_kernel(
     c_ok = c < C
     x_c = c.to(tl.int64) * x_sc
     pivot = _channel_pivot(x_ptr, x_c, c_ok, ACC)
-    rel_alpha, rel_beta, rel_gamma, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C, pivot, K, ACC)
+    rel_alpha, rel_beta, rel_gamma, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C,
+                                                                         pivot, K, ACC)
     delta = ()
     for k in tl.static_range(K):
         delta = delta + ((_load_row(mean_ptr, k, c, C, 0.0, ACC) - pivot)[:, None],)
@@ -546,7 +549,8 @@ def _backward_elementwise_kernel(
     c_ok = c < C
     x_c = c.to(tl.int64) * x_sc
     pivot = _channel_pivot(x_ptr, x_c, c_ok, ACC)
-    rel_alpha, rel_beta, rel_gamma, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C, pivot, K, ACC)
+    rel_alpha, rel_beta, rel_gamma, log2_lam = _responsibility_constants(mu_ptr, log_sigma_ptr, mix_logits_ptr, c, C,
+                                                                         pivot, K, ACC)
     gamma = _load_channel(weight_ptr, c, C, 1.0, HAS_WEIGHT, ACC)
     scale = _statistic_scales(log2_lam, var_ptr, c, C, gamma, K, EPS, ACC)
     scales = ()
