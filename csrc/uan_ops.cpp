@@ -74,10 +74,10 @@ TORCH_LIBRARY(uan, m) {
       "float min_weight) -> (Tensor mean, Tensor var, Tensor weight, Tensor mu, Tensor log_sigma, "
       "Tensor mix_logits)");
   // MixtureNorm's EM subsample: (1, C, S) contiguous, output[0, c, j] =
-  // the input element at offsets[j] from channel c's first element (offsets
-  // in elements, within channel 0, e.g. n * stride(0) + l * stride(2) of an
-  // (N, C, L) view). CPU only (uan_kernels/mixture_norm.py).
-  m.def("gather_samples(Tensor input, Tensor offsets) -> Tensor");
+  // channel c's value at the j-th smallest of the S positions, a position
+  // being n * L + l in the (N, C, L) view of the input (L the product of its
+  // trailing dims). CPU only (uan_kernels/mixture_norm.py).
+  m.def("gather_samples(Tensor input, Tensor positions) -> Tensor");
   // update="moving_average": one online EM step of the mixture buffers from a
   // training forward's (K, C) mean, var and mass, in place, in float64 (SPEC).
   m.def(

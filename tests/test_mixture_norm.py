@@ -343,13 +343,22 @@ def test_cpp_gather_samples_is_the_pytorch_gather(layout, dtype, monkeypatch):
     assert torch.equal(samples[0], samples[1])
 
 
+@pytest.mark.parametrize("num_samples", [30, 5])  # dense positions (counting sort) and sparse ones
+def test_cpp_gather_samples_takes_positions_in_increasing_order(num_samples):
+    x = torch.randn(4, 3, 5, 7)[:, :, 1:]  # (N, C, L) = (4, 3, 28), not dense: gathered from a copy
+    positions = torch.randint(4 * 28, (num_samples,))
+    ordered = positions.sort().values
+    expected = x.reshape(4, 3, 28)[ordered // 28, :, ordered % 28].t().unsqueeze(0)
+    assert torch.equal(torch.ops.uan.gather_samples(x, positions), expected)
+
+
 def test_cpp_gather_samples_checks_its_arguments():
     x = torch.randn(2, 3, 4)
-    torch.library.opcheck(torch.ops.uan.gather_samples.default, (x, torch.tensor([0, 5, 11, 15])))
-    assert torch.equal(torch.ops.uan.gather_samples(x, torch.tensor([15, 0])), x[[1, 0], :, [3, 0]].t()[None])
-    with pytest.raises(RuntimeError, match="outside channel 0"):
-        torch.ops.uan.gather_samples(x, torch.tensor([16]))  # (1, 0, 4): past the last element of channel 0
-    with pytest.raises(RuntimeError, match="outside channel 0"):
+    torch.library.opcheck(torch.ops.uan.gather_samples.default, (x, torch.tensor([7, 0, 5, 3])))
+    assert torch.equal(torch.ops.uan.gather_samples(x, torch.tensor([7, 0])), x[[0, 1], :, [0, 3]].t()[None])
+    with pytest.raises(RuntimeError, match="outside the input"):
+        torch.ops.uan.gather_samples(x, torch.tensor([8]))  # (2, 3): past the last position
+    with pytest.raises(RuntimeError, match="outside the input"):
         torch.ops.uan.gather_samples(x, torch.tensor([-1]))
     with pytest.raises(RuntimeError, match="1-D int64"):
         torch.ops.uan.gather_samples(x, torch.tensor([0, 1], dtype=torch.int32))

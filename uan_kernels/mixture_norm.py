@@ -51,20 +51,22 @@ def _em_input(x: Tensor, num_samples: Optional[int]) -> Tensor:
     ``x`` itself when ``num_samples`` is None or a channel has at most
     ``num_samples`` values; otherwise a contiguous ``(1, C, num_samples)``
     tensor of positions drawn uniformly with replacement (O(n) memory, unlike a
-    permutation of all positions), the same positions for every channel. Each
-    channel's sample is contiguous: the statistics pass runs along it at the
-    per-element speed of a full batch (it is slower across channels-inner rows).
+    permutation of all positions), the same positions for every channel, in
+    increasing order of position. Each channel's sample is contiguous: the
+    statistics pass runs along it at the per-element speed of a full batch (it
+    is slower across channels-inner rows).
     """
     if num_samples is None or values_per_channel(x) <= num_samples:
         return x
     channels = x.shape[1]
+    flat = torch.randint(values_per_channel(x), (num_samples,), device=x.device)
+    if _backends.has_em_helpers(x.device):
+        return torch.ops.uan.gather_samples(x, flat)
     x3 = x.reshape(x.shape[0], channels, -1)  # (N, C, P): a view for contiguous and channels_last inputs
     positions = x3.shape[2]
     # In increasing order, so that the gather walks each channel's plane forward.
-    flat = torch.randint(x3.shape[0] * positions, (num_samples,), device=x.device).sort().values
+    flat = flat.sort().values
     batch, position = flat // positions, flat % positions
-    if _backends.has_em_helpers(x.device):
-        return torch.ops.uan.gather_samples(x3, batch * x3.stride(0) + position * x3.stride(2))
     if x3.is_contiguous():
         # One gather of (C, n) offsets into the flat input (cheaper than indexing),
         # int32 when they fit: half the index bytes to write and read.

@@ -21,7 +21,8 @@ defines the schemas and the CPU (and, when built with CUDA, CUDA) kernels:
 * ``uan::em_m_step(sums, pivot, prev_mean, prev_var, var_floor, min_mass, min_weight) -> (mean, var, weight,
   mu, log_sigma, mix_logits)``: MixtureNorm's EM M-step from the statistics pass's sums, CPU only
   (:func:`uan_kernels.mixture_norm._m_step_from_sums` is its definition)
-* ``uan::gather_samples(input, offsets) -> (1, C, S)``: the subsample MixtureNorm's EM fits, CPU only
+* ``uan::gather_samples(input, positions) -> (1, C, S)``: the subsample MixtureNorm's EM fits, in increasing
+  order of position, CPU only
   (:func:`uan_kernels.mixture_norm._em_input`)
 """
 from __future__ import annotations
@@ -123,8 +124,8 @@ def _em_m_step_fake(sums, pivot, prev_mean, prev_var, var_floor, min_mass, min_w
 
 
 @torch.library.register_fake("uan::gather_samples")
-def _gather_samples_fake(input, offsets):
-    return input.new_empty((1, input.shape[1], offsets.shape[0]))
+def _gather_samples_fake(input, positions):
+    return input.new_empty((1, input.shape[1], positions.shape[0]))
 
 
 @torch.library.register_fake("uan::moving_average_update_")
