@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import uan_kernels
-from experiments import shallow_cnn
+from experiments import shallow_cnn, step_times
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,26 @@ def test_tiny_run_writes_json_png_and_markdown(digits, tmp_path):
         assert f"| {shallow_cnn.VARIANT_LABELS[variant]} | 0.005 |" in summary
     batchnorm_row = next(line for line in summary.splitlines() if line.startswith("| BatchNorm | 0.005 |"))
     assert batchnorm_row.count("| 1.00x |") == 2  # wall and CPU time relative to itself
+
+
+def test_step_times_pair_each_variant_with_batchnorm(digits, tmp_path):
+    out = tmp_path / "step_times.md"
+    times = step_times.main(["--dataset", "digits", "--variants", "mn", "uan_weight", "--rounds", "3",
+                             "--batch-size", "64", "--threads", "1", "--out", str(out)])
+    assert list(times) == ["bn", "mn", "uan_weight"]  # BatchNorm, the baseline, always runs
+    assert all(len(t) == 3 and all(s > 0 for s in t) for t in times.values())
+    table = out.read_text()
+    steps_per_epoch = -(-len(digits.train_y) // 64)
+    assert "3 paired rounds" in table and f"An epoch's training pass is {steps_per_epoch} such steps" in table
+    assert "| BatchNorm | " in table and table.count("| 1.00 [1.00–1.00] |") >= 1
+    for label in ("MixtureNorm", "UAN (weight)"):
+        ratios = [line for line in table.splitlines() if line.startswith(f"| {label} |")]
+        assert len(ratios) == 1 and ratios[0].endswith("] |")
+
+
+def test_step_times_rejects_per_domain_variants_without_domains():
+    with pytest.raises(SystemExit):
+        step_times.parse_args(["--dataset", "digits", "--variants", "uan_weight_kD"])
 
 
 def _write_cifar10(folder, corrupt=None):
