@@ -74,7 +74,7 @@ def extension():
     capability = os.environ.get("UAN_CPU_CAPABILITY") or detect_cpu_capability()
     if capability not in CPU_CAPABILITY_FLAGS:
         raise SystemExit(f"UAN_CPU_CAPABILITY must be one of {sorted(CPU_CAPABILITY_FLAGS)}, got {capability!r}")
-    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
+    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas",
                  *CPU_CAPABILITY_FLAGS[capability]]
     common = {"include_dirs": [os.path.join(HERE, CSRC)], "py_limited_api": False}

@@ -811,6 +811,7 @@ def _tool_version(command: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- #
 
 CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+CUDA_HEADERS = sorted((ROOT / "csrc" / "cuda").glob("*.cuh"))
 
 # The passes of a CUDA training step / eval forward: element_pass<Op>, whether
 # the launch writes partial sums (a.accumulate), and the per-channel kernel
@@ -882,8 +883,8 @@ def compile_cuda(workdir: Path) -> CompiledCuda:
 
 @functools.lru_cache(maxsize=None)
 def cuda_constants() -> Dict[str, int]:
-    """kThreads, kWarp, kLoadBytes, kMaxElementsPerThread, kParameterThreads as defined in the CUDA source."""
-    text = "\n".join((source.read_text() for source in CUDA_SOURCES))
+    """kThreads, kWarp, kLoadBytes, kMaxElementsPerThread, kParameterThreads as defined in the CUDA sources."""
+    text = "\n".join(source.read_text() for source in CUDA_SOURCES + CUDA_HEADERS)
     names = ("kThreads", "kWarp", "kLoadBytes", "kMaxElementsPerThread", "kParameterThreads")
     found = {m.group(1): int(m.group(2)) for m in re.finditer(r"constexpr\s+\w+\s+(\w+)\s*=\s*(\d+)\s*;", text)}
     missing = [n for n in names if n not in found]
@@ -913,7 +914,7 @@ class CudaLaunch:
 
 
 def cuda_launch(case: Case, blocks_per_sm: int, gpu: Gpu = H100) -> CudaLaunch:
-    """How csrc/cuda/uan_cuda.cu launches element_pass for ``case`` (host code, mirrored here only).
+    """How csrc/cuda/uan_passes.cuh launches element_pass for ``case`` (host code, mirrored here only).
 
     run_pass: 16-byte vector access when channels are not innermost and L is a
     multiple of E = kLoadBytes / itemsize (fresh allocations are aligned).
@@ -1386,7 +1387,7 @@ METHOD = [
     "roughly a lower bound (loops there count one iteration), amortised over the elements each thread handles "
     "per block.",
     "CUDA launch configurations (vector or scalar access, block shape, slices, grid) are decided by host code "
-    "that needs a GPU; census.cuda_launch mirrors csrc/cuda/uan_cuda.cu's run_pass and launch_shape. Triton "
+    "that needs a GPU; census.cuda_launch mirrors csrc/cuda/uan_passes.cuh's run_pass and launch_shape. Triton "
     "block sizes and grids come from running the real launchers (tile geometry for 132 SMs).",
     "Per-channel kernels (CUDA finalize_*, the Triton finalize kernels) are listed for their "
     "resources and launches, not counted per element.",

@@ -1,5 +1,6 @@
 // Operator schemas of the uan namespace and the Python module entry point.
-// Kernels are registered per device in uan_cpu.cpp and cuda/uan_cuda.cu;
+// Kernels are registered per device in uan_cpu.cpp (passes in cpu/) and
+// cuda/uan_cuda.cu (passes in cuda/uan_passes.cuh);
 // fake implementations and autograd are registered from Python (uan_kernels/ops.py).
 #include <Python.h>
 #include <torch/library.h>

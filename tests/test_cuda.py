@@ -1,4 +1,4 @@
-"""CUDA kernels of uan_kernels._C (csrc/cuda/uan_cuda.cu) on a GPU.
+"""CUDA kernels of uan_kernels._C (csrc/cuda) on a GPU.
 
 Against the pure-PyTorch reference, autograd, the dispatcher (opcheck,
 torch.compile with CUDA graphs), determinism and a tensor of more than 2**31
