@@ -5,7 +5,8 @@
 # virtual environment, no download), so it also runs where nothing can be
 # fetched. Steps, each logged under benchmarks/results/cuda/<gpu>/:
 #   1. build uan_kernels._C with CUDA kernels for this GPU's architecture, with
-#      a host compiler that links libstdc++ dynamically;
+#      a host compiler whose extension raises errors that reach Python (the
+#      system's g++ first; another compiler's C++ runtime can crash there);
 #   2. the whole test suite on CUDA (tests/test_cuda.py, the Triton suites on
 #      CUDA tensors, not the interpreter, and everything else);
 #   3. the benchmark table, `uan-bench --device cuda`;
@@ -19,7 +20,7 @@
 # any step failed.
 #
 # Environment: PYTHON (default python3), CUDA_HOME (default: found from nvcc),
-# CXX (the host compiler torch builds with), GPU_CHECK_STEPS (default
+# CXX (a host compiler to try after the system's g++), GPU_CHECK_STEPS (default
 # "build tests bench sanitizer profile"), GPU_CHECK_OUT
 # (default benchmarks/results/cuda/<gpu>), GPU_CHECK_STEP_TIMEOUT (seconds per
 # step, default 0: none).
@@ -101,15 +102,51 @@ links_static_libstdcxx() {
   return $rc
 }
 
+# errors_reach_python: whether an error the built extension raises (its
+# message formats a number) reaches Python as a RuntimeError. Built with a
+# compiler whose C++ runtime differs from the one the process loads, the
+# extension crashes there instead, although the probe above passed (seen on
+# an H200 image with a toolchain in /opt/gcc: every argument-check test
+# segfaulted).
+errors_reach_python() {
+  "$PYTHON" - <<'EOF' >/dev/null 2>&1
+import torch
+from uan_kernels import ops  # noqa: F401 (registers the operators)
+try:
+    torch.ops.uan.gather_samples(torch.zeros(2, 3), torch.tensor([7]))
+except RuntimeError:
+    raise SystemExit(0)
+raise SystemExit(1)
+EOF
+}
+
 if wants build; then
-  compiler="${CXX:-c++}"
-  if links_static_libstdcxx "$compiler"; then
-    fallback="$(command -v g++ c++ /usr/bin/g++ | while read -r c; do links_static_libstdcxx "$c" || { echo "$c"; break; }; done)"
-    echo "| host compiler | $compiler links libstdc++ statically; using ${fallback:-it anyway} | 0 | - |" >>"$SUMMARY"
-    [ -n "$fallback" ] && export CXX="$fallback"
+  # Host compilers in order of preference: the system's g++ first, since its
+  # libstdc++ is the one torch loads, then CXX and whatever c++ and g++ are.
+  # The first whose extension passes errors_reach_python is kept.
+  candidates="$(for c in /usr/bin/g++ "${CXX:-}" c++ g++; do [ -n "$c" ] && command -v "$c"; done | awk '!seen[$0]++')"
+  built=""
+  for compiler in $candidates; do
+    if links_static_libstdcxx "$compiler"; then
+      echo "| host compiler $compiler | links libstdc++ statically: not used | 0 | - |" >>"$SUMMARY"
+      continue
+    fi
+    # nvcc compiles the .cu files' host code with CC: the C compiler beside this C++ compiler.
+    c_compiler="$(dirname "$compiler")/$(basename "$compiler" | sed 's/g++$/gcc/; s/c++$/cc/')"
+    run "build (CXX=$compiler)" build.log env CXX="$compiler" CC="$c_compiler" TORCH_CUDA_ARCH_LIST="$arch" \
+      MAX_JOBS="$(nproc)" "$PYTHON" setup.py build_ext --inplace || { cat "$SUMMARY"; exit 1; }
+    if errors_reach_python; then
+      echo "| errors raised by the extension reach Python | ok | 0 | - |" >>"$SUMMARY"
+      built="$compiler"
+      break
+    fi
+    echo "| errors raised by the extension reach Python | FAILED (crash): next compiler | 0 | - |" >>"$SUMMARY"
+  done
+  if [ -z "$built" ]; then
+    echo "gpu-check: no host compiler here builds an extension whose errors reach Python" >&2
+    cat "$SUMMARY"
+    exit 1
   fi
-  run build build.log env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
-    "$PYTHON" setup.py build_ext --inplace || { cat "$SUMMARY"; exit 1; }
 fi
 "$PYTHON" -c 'from uan_kernels import ops; assert ops.has_kernel("cuda"), "uan_kernels._C has no CUDA kernels"' || {
   echo "gpu-check: the extension has no CUDA kernels" >&2
