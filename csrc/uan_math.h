@@ -27,16 +27,14 @@ constexpr int kMaxComponents = 16;
 constexpr double kMassEps = 1e-12;
 
 // Logits are kept in the base of each value type's fastest exponential: base
-// 2 for float on CUDA (exp2 is one MUFU.EX2 instruction, where expf also
-// scales its argument and fixes up denormals), base e elsewhere. Softmax does
-// not depend on the base as long as logits and exponential agree; the scale
-// is folded into the per-component constants.
+// 2 for float (on CUDA exp2 is one MUFU.EX2 instruction, where expf also
+// scales its argument and fixes up denormals; on CPU exp2 of a logit
+// difference <= 0 is a floor, a polynomial and a scaling, see
+// exp_of_scaled_logit below), base e for double. Softmax does not depend on
+// the base as long as logits and exponential agree; the scale is folded into
+// the per-component constants.
 C10_HOST_DEVICE inline float logit_scale(float) {
-#if defined(__CUDA_ARCH__)
   return 1.4426950408889634f;  // log2(e)
-#else
-  return 1.0f;
-#endif
 }
 C10_HOST_DEVICE inline double logit_scale(double) { return 1.0; }
 
@@ -49,7 +47,7 @@ C10_HOST_DEVICE inline float exp_of_scaled_logit(float v) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(result) : "f"(v));
   return result;
 #else
-  return ::expf(v);
+  return ::exp2f(v);
 #endif
 }
 C10_HOST_DEVICE inline double exp_of_scaled_logit(double v) { return ::exp(v); }
@@ -84,16 +82,58 @@ inline at::vec::Vectorized<T> madd(const at::vec::Vectorized<T>& a, const at::ve
 }
 template <typename T>
 inline T logit_scale(const at::vec::Vectorized<T>&) {
-  return T(1);
+  return logit_scale(T(0));
 }
-template <typename T>
-inline at::vec::Vectorized<T> exp_of_scaled_logit(const at::vec::Vectorized<T>& v) {
+inline at::vec::Vectorized<double> exp_of_scaled_logit(const at::vec::Vectorized<double>& v) {
   return v.exp_u20();
+}
+// 2^v for v <= 0 (a logit difference): 2^n p(f) with n = floor(v), f = v - n
+// in [0, 1) and p a degree-5 fit of 2^f with p(0) = 1 (relative error below
+// 1.6e-7 in float32, about 2 ulp). p(0) = 1 exactly keeps the largest term
+// exactly 1, so an element that belongs to one component alone gets
+// tau = 1 exactly and zero logit gradients, as in float64. v is first raised
+// to -125, so that no result is denormal (slow on some CPUs): exp2(-125) ~
+// 2e-38 is a responsibility of zero next to the largest term's 1. A NaN stays
+// NaN (max returns its second operand when one is NaN). 9 vector
+// instructions with AVX-512, 12 with AVX2.
+inline at::vec::Vectorized<float> exp_of_scaled_logit(const at::vec::Vectorized<float>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-125.0f), v);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.0018671234f), f, _mm512_set1_ps(0.0090171015f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055799797f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24016450f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69315130f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 x = _mm256_max_ps(_mm256_set1_ps(-125.0f), v);
+  const __m256 n = _mm256_floor_ps(x);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(0.0018671234f), f, _mm256_set1_ps(0.0090171015f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.055799797f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.24016450f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.69315130f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i two_to_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_to_n));
+#else
+  return v.exp2();
+#endif
 }
 template <typename T>
 inline at::vec::Vectorized<T> softmax_reciprocal(const at::vec::Vectorized<T>& v) {
   return v.reciprocal();
 }
+#if defined(CPU_CAPABILITY_AVX512)
+// A 14-bit estimate and one Newton step (about 1 ulp) instead of a division,
+// which issues far slower than the FMAs around it; v >= 1 is never denormal.
+inline at::vec::Vectorized<float> softmax_reciprocal(const at::vec::Vectorized<float>& v) {
+  const __m512 r = _mm512_rcp14_ps(v);
+  return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(v, r, _mm512_set1_ps(1.0f)), r);
+}
+#endif
 template <typename T>
 inline at::vec::Vectorized<T> value_max(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
   return at::vec::maximum(a, b);
