@@ -7,8 +7,8 @@
 #   1. build uan_kernels._C with CUDA kernels for this GPU's architecture, with
 #      a host compiler whose extension raises errors that reach Python (the
 #      system's g++ first; another compiler's C++ runtime can crash there);
-#   2. the whole test suite on CUDA (tests/test_cuda.py, the Triton suites on
-#      CUDA tensors, not the interpreter, and everything else);
+#   2. the whole test suite on CUDA: first tests/test_cuda.py and the Triton
+#      suite on CUDA tensors (not the interpreter), then everything else;
 #   3. the benchmark table, `uan-bench --device cuda`;
 #   4. the CUDA tests under compute-sanitizer memcheck and racecheck, when the
 #      tool is installed (a representative subset: the tool slows every kernel);
@@ -159,8 +159,14 @@ if wants tests; then
   if "$PYTHON" -c 'import xdist' 2>/dev/null; then
     parallel=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
   fi
-  run "tests (CUDA, Triton on CUDA, all)" tests.log "${PYTEST[@]}" "${parallel[@]}" tests \
-    --junitxml="$OUTDIR/tests.xml"
+  # The GPU kernels' own suites first, so that a run cut short still has
+  # them; -v names each test's outcome as it finishes, so a log cut short
+  # (no summary, no XML) still says which failed.
+  gpu_suites=(tests/test_cuda.py tests/test_triton_ops.py)
+  run "tests of the GPU kernels (test_cuda.py, test_triton_ops.py)" tests-gpu.log "${PYTEST[@]}" -v \
+    "${parallel[@]}" "${gpu_suites[@]}" --junitxml="$OUTDIR/tests-gpu.xml"
+  run "tests (everything else, on the GPU where a test takes a device)" tests.log "${PYTEST[@]}" -v \
+    "${parallel[@]}" tests "${gpu_suites[@]/#/--ignore=}" --junitxml="$OUTDIR/tests.xml"
 fi
 
 if wants bench; then
