@@ -97,29 +97,29 @@ inline at::vec::Vectorized<double> exp_of_scaled_logit(const at::vec::Vectorized
 // NaN (max returns its second operand when one is NaN). 9 vector
 // instructions with AVX-512, 12 with AVX2.
 inline at::vec::Vectorized<float> exp_of_scaled_logit(const at::vec::Vectorized<float>& v) {
+  using Vec = at::vec::Vectorized<float>;
+  // p's coefficients, highest degree first.
+  constexpr float kCoefficients[] = {0.0018671234f, 0.0090171015f, 0.055799797f, 0.24016450f, 0.69315130f, 1.0f};
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-125.0f), v);
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.0018671234f), f, _mm512_set1_ps(0.0090171015f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055799797f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24016450f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69315130f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const Vec x = _mm512_max_ps(_mm512_set1_ps(-125.0f), v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const Vec x = _mm256_max_ps(_mm256_set1_ps(-125.0f), v);
+#else
+  const Vec x = at::vec::maximum(Vec(-125.0f), v);
+#endif
+  const Vec n = x.floor();
+  const Vec f = x - n;
+  Vec p(kCoefficients[0]);
+  for (int i = 1; i < 6; ++i) {
+    p = at::vec::fmadd(p, f, Vec(kCoefficients[i]));
+  }
+#if defined(CPU_CAPABILITY_AVX512)
   return _mm512_scalef_ps(p, n);
 #elif defined(CPU_CAPABILITY_AVX2)
-  const __m256 x = _mm256_max_ps(_mm256_set1_ps(-125.0f), v);
-  const __m256 n = _mm256_floor_ps(x);
-  const __m256 f = _mm256_sub_ps(x, n);
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(0.0018671234f), f, _mm256_set1_ps(0.0090171015f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.055799797f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.24016450f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.69315130f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
   const __m256i two_to_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_to_n));
+  return p * Vec(_mm256_castsi256_ps(two_to_n));
 #else
-  return v.exp2();
+  return p * n.exp2();
 #endif
 }
 template <typename T>
