@@ -137,3 +137,12 @@ void moving_average_update(const DevicePasses& passes, at::Tensor& mu, at::Tenso
                            const at::Tensor& mass, int64_t values_per_channel, double momentum);
 
 }  // namespace uan
+
+// The input types the operators dispatch to (AT_DISPATCH_FLOATING_TYPES_AND2
+// with Half and BFloat16): INSTANCE(scalar_t) for each, for the passes'
+// explicit instances on every device.
+#define UAN_FOR_EACH_INPUT_TYPE(INSTANCE) \
+  INSTANCE(double)                        \
+  INSTANCE(float)                         \
+  INSTANCE(c10::Half)                     \
+  INSTANCE(c10::BFloat16)

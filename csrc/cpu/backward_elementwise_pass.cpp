@@ -79,7 +79,7 @@ std::vector<double> run_backward_elementwise_pass(bool mixture_grads, const scal
   template std::vector<double> run_backward_elementwise_pass<scalar_t>(                                   \
       bool, const scalar_t*, const scalar_t*, scalar_t*, const Walker<at::opmath_type<scalar_t>>&,        \
       const ChannelConstants<at::opmath_type<scalar_t>>&);
-UAN_CPU_PASS_INSTANCES(INSTANCE)
+UAN_FOR_EACH_INPUT_TYPE(INSTANCE)
 
 }  // namespace cpu
 }  // namespace uan

@@ -50,7 +50,7 @@ std::vector<double> run_backward_reduce_pass(const scalar_t* g_data, const scala
   template std::vector<double> run_backward_reduce_pass<scalar_t>(                                        \
       const scalar_t*, const scalar_t*, const Walker<at::opmath_type<scalar_t>>&,                         \
       const ChannelConstants<at::opmath_type<scalar_t>>&);
-UAN_CPU_PASS_INSTANCES(INSTANCE)
+UAN_FOR_EACH_INPUT_TYPE(INSTANCE)
 
 }  // namespace cpu
 }  // namespace uan

@@ -41,7 +41,7 @@ void run_normalize_pass(const scalar_t* x_data, scalar_t* out_data, const Walker
   template void run_normalize_pass<scalar_t>(const scalar_t*, scalar_t*, const Walker<at::opmath_type<scalar_t>>&, \
                                              const ChannelConstants<at::opmath_type<scalar_t>>&,                   \
                                              const at::opmath_type<scalar_t>*);
-UAN_CPU_PASS_INSTANCES(INSTANCE)
+UAN_FOR_EACH_INPUT_TYPE(INSTANCE)
 
 }  // namespace cpu
 }  // namespace uan

@@ -65,7 +65,7 @@ std::vector<double> run_statistics_pass(const scalar_t* x_data, const ChannelVie
   template std::vector<double> run_statistics_pass<scalar_t>(const scalar_t*, const ChannelView&,                \
                                                              const Walker<at::opmath_type<scalar_t>>&,           \
                                                              ChannelConstants<at::opmath_type<scalar_t>>&);
-UAN_CPU_PASS_INSTANCES(INSTANCE)
+UAN_FOR_EACH_INPUT_TYPE(INSTANCE)
 
 }  // namespace cpu
 }  // namespace uan

@@ -382,13 +382,5 @@ std::vector<double> run_backward_elementwise_pass(bool mixture_grads, const scal
                                                   scalar_t* dx_data, const Walker<at::opmath_type<scalar_t>>& walker,
                                                   const ChannelConstants<at::opmath_type<scalar_t>>& consts);
 
-// Explicit instances of a run_*_pass for every input type the operators
-// dispatch to; INSTANCE(scalar_t) declares one.
-#define UAN_CPU_PASS_INSTANCES(INSTANCE) \
-  INSTANCE(double)                       \
-  INSTANCE(float)                        \
-  INSTANCE(c10::Half)                    \
-  INSTANCE(c10::BFloat16)
-
 }  // namespace cpu
 }  // namespace uan

@@ -1,4 +1,7 @@
 // run_pass instances of the normalize pass (Normalize in uan_passes.cuh).
 #include "uan_passes.cuh"
 
-UAN_INSTANTIATE_PASS(Normalize)
+#define UAN_PASS Normalize
+namespace uan::cuda {
+UAN_FOR_EACH_INPUT_TYPE(UAN_RUN_PASS_INSTANCE)
+}  // namespace uan::cuda

@@ -23,7 +23,6 @@ namespace {
 
 using namespace cuda;
 
-
 // ---- Second stage: per-channel finalize kernels. ---------------------------
 // One warp per channel sums each quantity's slices (lanes stride over the
 // slices, then a shuffle tree: a fixed order, so results do not depend on

@@ -16,7 +16,6 @@
 namespace uan {
 namespace cuda {
 
-
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;

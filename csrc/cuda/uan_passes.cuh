@@ -20,7 +20,7 @@
 //    channel of the tile, so a warp reads consecutive channels of a row.
 //
 // Each pass is instantiated for every input type and K = 1..kMaxComponents in
-// its own translation unit (UAN_INSTANTIATE_PASS in *_pass.cu).
+// its own translation unit (UAN_RUN_PASS_INSTANCE in *_pass.cu).
 #pragma once
 
 #include <ATen/ops/empty.h>
@@ -505,8 +505,8 @@ void dispatch_components(int K, F&& f, std::integer_sequence<int, Ks...>) {
   TORCH_CHECK(found, "uan: the CUDA kernels support 1 to ", kMaxComponents, " components, got ", K);
 }
 
-// Runs pass Op<scalar_t, K> over x; `data` are the tensors read or written
-// element by element, which must all be 16-byte aligned for vector access.
+// run_pass (uan_cuda.cuh): K dispatched to Op<scalar_t, K>, 16-byte access
+// where every pointer in `data` allows it.
 template <template <typename, int> class Op, typename scalar_t>
 Partials run_pass(PassArgs<scalar_t> a, const ChannelView& view, int K, const at::TensorOptions& options,
                   std::initializer_list<const void*> data) {
@@ -526,16 +526,8 @@ Partials run_pass(PassArgs<scalar_t> a, const ChannelView& view, int K, const at
 }  // namespace cuda
 }  // namespace uan
 
-// Explicit instances of run_pass<Op, scalar_t> for every input type the
-// operators dispatch to (float64, float32, float16, bfloat16).
-#define UAN_INSTANTIATE_PASS(Op)                                                                               \
-  namespace uan::cuda {                                                                                        \
-  template Partials run_pass<Op, double>(PassArgs<double>, const ChannelView&, int, const at::TensorOptions&,  \
-                                         std::initializer_list<const void*>);                                  \
-  template Partials run_pass<Op, float>(PassArgs<float>, const ChannelView&, int, const at::TensorOptions&,    \
-                                        std::initializer_list<const void*>);                                   \
-  template Partials run_pass<Op, c10::Half>(PassArgs<c10::Half>, const ChannelView&, int,                      \
-                                            const at::TensorOptions&, std::initializer_list<const void*>);     \
-  template Partials run_pass<Op, c10::BFloat16>(PassArgs<c10::BFloat16>, const ChannelView&, int,              \
-                                                const at::TensorOptions&, std::initializer_list<const void*>); \
-  }
+// The explicit instance of run_pass<UAN_PASS, scalar_t>: each *_pass.cu
+// defines UAN_PASS and lists the instances with UAN_FOR_EACH_INPUT_TYPE.
+#define UAN_RUN_PASS_INSTANCE(scalar_t)                                                                 \
+  template Partials run_pass<UAN_PASS, scalar_t>(PassArgs<scalar_t>, const ChannelView&, int,         \
+                                                 const at::TensorOptions&, std::initializer_list<const void*>);
