@@ -52,10 +52,12 @@ Every SASS instruction on the path counts, predicated-off ones included
 (they are issued): loads, conversions, address arithmetic, loop control,
 shuffles, barriers. Instructions per element:
 
-* CUDA ``element_pass``: an iteration loads E = 16 / sizeof(dtype) elements per
-  thread (one 16-byte vector or E scalar loads), stages them in shared memory
-  and runs a rolled per-element loop over them, so per element =
-  (iteration outside the element loop) / E + (one element-loop iteration).
+* CUDA ``element_pass``: an iteration loads E elements per thread (one vector
+  or E scalar loads; E = 16 / sizeof(dtype), but 4 where that is more and
+  E x K > 32) and runs the math unrolled over them in registers, so per
+  element = iteration / E. A slice's last elements that fill no group of E
+  go one by one; that branch (``full_group``) follows the full group, the
+  steady state.
 * Triton: an iteration handles a BLOCK_C x BLOCK_N x BLOCK_L tile with 32 x
   num_warps threads, so per element = iteration x threads x tiles / (N C L),
   which charges the masked lanes of partial tiles to the real elements.
@@ -883,9 +885,11 @@ def compile_cuda(workdir: Path) -> CompiledCuda:
 
 @functools.lru_cache(maxsize=None)
 def cuda_constants() -> Dict[str, int]:
-    """kThreads, kWarp, kLoadBytes, kMaxElementsPerThread, kParameterThreads as defined in the CUDA sources."""
+    """kThreads, kWarp, kLoadBytes, kMaxUnrolledComponents, kLargeKElements, kMaxElementsPerThread,
+    kParameterThreads as defined in the CUDA sources."""
     text = "\n".join(source.read_text() for source in CUDA_SOURCES + CUDA_HEADERS)
-    names = ("kThreads", "kWarp", "kLoadBytes", "kMaxElementsPerThread", "kParameterThreads")
+    names = ("kThreads", "kWarp", "kLoadBytes", "kMaxUnrolledComponents", "kLargeKElements",
+             "kMaxElementsPerThread", "kParameterThreads")
     found = {m.group(1): int(m.group(2)) for m in re.finditer(r"constexpr\s+\w+\s+(\w+)\s*=\s*(\d+)\s*;", text)}
     missing = [n for n in names if n not in found]
     if missing:
@@ -896,6 +900,7 @@ def cuda_constants() -> Dict[str, int]:
 @dataclass
 class CudaLaunch:
     vector: bool
+    evenly_spaced: bool
     elements_per_iteration: int
     block: Tuple[int, int]
     tiles: int
@@ -908,7 +913,8 @@ class CudaLaunch:
         return self.block[0] * self.block[1]
 
     def describe(self, accumulate: bool) -> str:
-        access = "16-byte vector" if self.vector else f"{self.elements_per_iteration} scalar"
+        access = (f"{self.elements_per_iteration}-element vector" if self.vector
+                  else f"{self.elements_per_iteration} scalar")
         return (f"block {self.block[0]}x{self.block[1]}, {access} loads, "
                 f"{'partials' if accumulate else 'no partials'}, grid {self.grid} ({self.tiles}x{self.slices} units)")
 
@@ -916,8 +922,12 @@ class CudaLaunch:
 def cuda_launch(case: Case, blocks_per_sm: int, gpu: Gpu = H100) -> CudaLaunch:
     """How csrc/cuda/uan_passes.cuh launches element_pass for ``case`` (host code, mirrored here only).
 
-    run_pass: 16-byte vector access when channels are not innermost and L is a
-    multiple of E = kLoadBytes / itemsize (fresh allocations are aligned).
+    launch: vector access when channels are not innermost and L is a
+    multiple of E (fresh allocations are aligned); E as iteration_elements in
+    uan_cuda.cuh: kLoadBytes / itemsize, or kLargeKElements when that is more
+    and E x K exceeds kMaxUnrolledComponents.
+    pass_args: a channel's elements are evenly spaced when channels are
+    innermost (channels_last, or L == 1).
     launch_shape: TC = min(kWarp, C rounded up to a power of 2) threads over
     channels when channels are innermost (channels_last), else 1; TR =
     kThreads / TC; enough slices per channel to fill one wave of resident
@@ -928,8 +938,11 @@ def cuda_launch(case: Case, blocks_per_sm: int, gpu: Gpu = H100) -> CudaLaunch:
     n, c = case.shape[:2]
     length = math.prod(case.shape[2:])
     per_iteration = k["kLoadBytes"] // case.itemsize
+    if per_iteration > k["kLargeKElements"] and per_iteration * case.components > k["kMaxUnrolledComponents"]:
+        per_iteration = k["kLargeKElements"]
     channels_inner = case.channels_last or length == 1
     vector = not channels_inner and length % per_iteration == 0
+    evenly_spaced = channels_inner
     tc = 1
     while channels_inner and tc < k["kWarp"] and tc < c:
         tc *= 2
@@ -942,7 +955,7 @@ def cuda_launch(case: Case, blocks_per_sm: int, gpu: Gpu = H100) -> CudaLaunch:
     vec = per_iteration if vector else 1
     chunk = -(-chunk // vec) * vec
     slices = -(-elements // chunk)
-    return CudaLaunch(vector, per_iteration, (tc, tr), tiles, chunk, slices, min(tiles * slices, resident))
+    return CudaLaunch(vector, evenly_spaced, per_iteration, (tc, tr), tiles, chunk, slices, min(tiles * slices, resident))
 
 
 def find_cuda_kernel(functions: Dict[str, Function], op: str, dtype: str, components: int) -> Function:
@@ -983,7 +996,9 @@ def cuda_rows(case: Case, compiled: CompiledCuda) -> List[KernelResult]:
             _set_resources(row, compiled.resources[function.name], threads)
             launch = cuda_launch(case, row.blocks_per_sm)
             row.launch = launch.describe(accumulate)
-            flags = {"a.vector": launch.vector, "mixture_grads": accumulate, "a.accumulate": accumulate}
+            # full_group: a slice's last, partial group is not the steady state.
+            flags = {"a.vector": launch.vector, "mixture_grads": accumulate, "a.accumulate": accumulate,
+                     "full_group": True, "a.evenly_spaced": launch.evenly_spaced}
             loop, iteration, overhead = _steady_state(_flow(function), flag_resolver(flags))
             e = launch.elements_per_iteration
             row.iteration_instructions = iteration.instructions
@@ -996,10 +1011,9 @@ def cuda_rows(case: Case, compiled: CompiledCuda) -> List[KernelResult]:
             units = launch.tiles * launch.slices
             row.overhead_per_element = overhead.instructions * units * launch.threads / case.elements
             row.notes = _notes(iteration)
-            # The vector path unrolls its E elements; the scalar path runs them in one rolled loop.
-            expected_loops = 0 if launch.vector else 1
-            if len(iteration.inner) != expected_loops:
-                row.notes.append(f"{len(iteration.inner)} element loops in the iteration (expected {expected_loops})")
+            # Both paths unroll their E elements: no loop inside the iteration.
+            if iteration.inner:
+                row.notes.append(f"{len(iteration.inner)} element loops in the iteration (expected none)")
         except (RuntimeError, KeyError) as err:
             row.error = str(err)
         rows.append(row)
@@ -1379,9 +1393,9 @@ METHOD = [
     "division slow paths and warp-divergence fallbacks are not taken; any other branch (lane-dependent, e.g. the "
     "lane-0 stores of reductions) counts both sides, as a diverged warp issues both, and the notes say so. "
     "Predicated-off instructions count (they are issued).",
-    "CUDA element_pass: per element = (iteration outside the rolled element loop) / E + (element loop) "
-    "(16-byte vector path: the unrolled iteration / E), "
-    "E = 16 B / itemsize elements per thread per iteration. Triton: per element = iteration x threads x tiles / "
+    "CUDA element_pass: per element = the unrolled iteration / E, E = 16 B / itemsize elements per thread "
+    "per iteration (4 where that is more and E x K > 32); the branch to a slice's last, partial group follows the full "
+    "group (steady state). Triton: per element = iteration x threads x tiles / "
     "(N C L), masked lanes of partial tiles included.",
     "'+ overhead' adds each block's (CUDA unit's, Triton program's) prologue and epilogue outside the loop, "
     "roughly a lower bound (loops there count one iteration), amortised over the elements each thread handles "

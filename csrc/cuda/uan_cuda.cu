@@ -354,6 +354,8 @@ PassArgs<scalar_t> pass_args(const at::Tensor& x, const ChannelView& view, const
   a.stride_n = view.stride_n;
   a.stride_c = view.stride_c;
   a.stride_l = view.stride_l;
+  // n's rows back to back (channels_last) or one l per n ((N, C) input).
+  a.evenly_spaced = view.stride_n == view.L * view.stride_l || view.L == 1;
   const int64_t M = view.N * view.L;
   for (int j = 0; j < kPivotSamples; ++j) {
     a.pivot_samples[j] = M > 0 ? view.element_offset(pivot_sample(j, M)) : 0;

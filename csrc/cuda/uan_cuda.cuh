@@ -19,8 +19,8 @@ namespace cuda {
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
-// Bytes each thread loads per input per loop iteration: one 16-byte vector,
-// or as many scalars, so enough memory requests are in flight.
+// Bytes each thread loads per input per loop iteration at most: one 16-byte
+// vector, or as many scalars, so enough memory requests are in flight.
 constexpr int kLoadBytes = 16;
 // Elements one thread sums in the accumulation type within a unit before its
 // partial goes to float64: bounds float32 rounding for channels of any length.
@@ -28,8 +28,21 @@ constexpr int64_t kMaxElementsPerThread = 512;
 // Quantities block-reduced per round through shared memory (8 KiB).
 constexpr int kReduceChunk = 4;
 
-template <typename scalar_t>
-constexpr int kVecWidth = kLoadBytes / static_cast<int>(sizeof(scalar_t));
+// Component evaluations one loop iteration of a pass unrolls at most
+// (elements x K) when it has more than kLargeKElements elements: bfloat16 at
+// K = 8, 8 elements of one 16-byte load, spilled.
+constexpr int kMaxUnrolledComponents = 32;
+// Elements per iteration then: what float32 loads at any K (fewer made its
+// K = 16 passes slower and spilled all the same).
+constexpr int kLargeKElements = 4;
+
+// Elements a thread handles per loop iteration of a pass with K components:
+// one 16-byte load's worth, or kLargeKElements when that unrolls too many
+// components.
+constexpr int iteration_elements(int itemsize, int K) {
+  const int elements = kLoadBytes / itemsize;
+  return elements > kLargeKElements && elements * K > kMaxUnrolledComponents ? kLargeKElements : elements;
+}
 
 // Kernel arguments of every pass; fields a pass does not use stay null.
 template <typename scalar_t>
@@ -53,7 +66,8 @@ struct PassArgs {
   int64_t pivot_samples[kPivotSamples];
   int64_t N, C, L, stride_n, stride_c, stride_l;
   int64_t slices, chunk;     // each channel's N*L elements in `slices` ranges of `chunk`
-  bool vector;               // channel-major with 16-byte aligned rows: 16-byte accesses
+  bool vector;               // channel-major with rows of whole aligned items: vector accesses
+  bool evenly_spaced;        // a channel's elements equally spaced: a wrap to the next n moves no offset
   bool accumulate;           // whether this launch writes partials
 };
 
@@ -81,7 +95,7 @@ template <typename scalar_t_, int K>
 struct BackwardElementwise;
 
 // Runs pass Op<scalar_t, K> over x; `data` are the tensors read or written
-// element by element, which must all be 16-byte aligned for vector access.
+// element by element, which must all be aligned to an item for vector access.
 template <template <typename, int> class Op, typename scalar_t>
 Partials run_pass(PassArgs<scalar_t> a, const ChannelView& view, int K, const at::TensorOptions& options,
                   std::initializer_list<const void*> data);

@@ -13,8 +13,9 @@
 //
 // Block shapes, both 256 threads:
 //  * channel-major (contiguous, stride_l = 1): 1 x 256, one channel per unit;
-//    threads walk the channel's rows with 16-byte accesses when L and the
-//    pointers allow it, else with 16 bytes' worth of scalar loads.
+//    threads walk the channel's rows with vector accesses of E elements (16
+//    bytes, fewer at large K: iteration_elements) when L and the pointers
+//    allow it, else with E scalar loads.
 //  * channels-inner (channels_last or (N, C), stride_c = 1): TC x (256 / TC)
 //    with TC = min(32, C rounded up to a power of 2); thread x owns one
 //    channel of the tile, so a warp reads consecutive channels of a row.
@@ -87,6 +88,7 @@ template <typename scalar_t_, int K>
 struct Statistics {
   using scalar_t = scalar_t_;
   using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kComponents = K;
   static constexpr int kQuantities = 3 * K;
   static constexpr bool kReadsGrad = false;
   static constexpr bool kWritesOutput = false;
@@ -118,7 +120,7 @@ struct Statistics {
     return acc_t(0);
   }
 
-  __device__ void convert_sums(double* sums) const {
+  __device__ void convert_sums(const PassArgs<scalar_t>&, int64_t, double* sums) const {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       shift_sums(static_cast<double>(component_pivot[k]) - static_cast<double>(r.pivot), sums[k], sums[K + k],
@@ -131,6 +133,7 @@ template <typename scalar_t_, int K>
 struct Normalize {
   using scalar_t = scalar_t_;
   using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kComponents = K;
   static constexpr int kQuantities = 0;
   static constexpr bool kReadsGrad = false;
   static constexpr bool kWritesOutput = true;
@@ -162,6 +165,7 @@ template <typename scalar_t_, int K>
 struct BackwardReduce {
   using scalar_t = scalar_t_;
   using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kComponents = K;
   static constexpr int kQuantities = 2 * K + 1;
   static constexpr bool kReadsGrad = true;
   static constexpr bool kWritesOutput = false;
@@ -190,15 +194,13 @@ template <typename scalar_t_, int K>
 struct BackwardElementwise {
   using scalar_t = scalar_t_;
   using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kComponents = K;
   static constexpr int kQuantities = 3 * K;
   static constexpr bool kReadsGrad = true;
   static constexpr bool kWritesOutput = true;
   static constexpr bool kConvertsSums = true;
   ChannelResponsibilities<K, acc_t> r;
   acc_t rows[kBackwardRows][K];
-  const acc_t* mu;  // column c: mu[k * C], log_sigma[k * C]
-  const acc_t* log_sigma;
-  int64_t C;
   bool mixture_grads;
 
   __device__ void load(const PassArgs<scalar_t>& args, int64_t c) {
@@ -210,9 +212,6 @@ struct BackwardElementwise {
         rows[row][k] = args.table[(static_cast<int64_t>(row) * K + k) * args.C + c];
       }
     }
-    mu = args.mu + c;
-    log_sigma = args.log_sigma + c;
-    C = args.C;
     mixture_grads = args.accumulate;
   }
 
@@ -237,11 +236,14 @@ struct BackwardElementwise {
     return dx;
   }
 
-  __device__ void convert_sums(double* sums) const {
+  // The parameters are read from the kernel's arguments after the element
+  // loop rather than held in registers through it.
+  __device__ void convert_sums(const PassArgs<scalar_t>& args, int64_t c, double* sums) const {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
+      const int64_t i = k * args.C + c;
       acc_t a, b;
-      standardization_constants(mu[k * C], log_sigma[k * C], r.pivot, a, b);
+      standardization_constants(args.mu[i], args.log_sigma[i], r.pivot, a, b);
       standardize_sums(a, b, sums[k], sums[K + k], sums[2 * K + k]);
     }
   }
@@ -254,7 +256,7 @@ struct alignas(sizeof(T) * N) Packed {
   T v[N];
 };
 
-// E consecutive elements in one 16-byte access (p is 16-byte aligned).
+// E consecutive elements in one access (p is aligned to them).
 template <int E, typename scalar_t>
 __device__ __forceinline__ Packed<scalar_t, E> load_packed(const scalar_t* p) {
   return *reinterpret_cast<const Packed<scalar_t, E>*>(p);
@@ -315,19 +317,17 @@ __device__ __forceinline__ void write_unit_partials(const double (&sums)[Q], con
 
 // ---- The kernels. ----------------------------------------------------------
 
-// A thread's position in its channel: element index e among the channel's
-// N*L, its l, and its memory offset.
+// A thread's position in its channel: its l and its memory offset.
 struct Cursor {
-  int64_t e, l, offset;
+  int64_t l, offset;
 };
 
 // Moving a cursor one item (TR * vec elements) on: step_l along l, plus a
 // wrap to the next n when l passes L.
 struct Walk {
-  int64_t step, step_l, step_offset, wrap_offset, L;
+  int64_t step_l, step_offset, wrap_offset, L;
 
   __device__ __forceinline__ void advance(Cursor& cur) const {
-    cur.e += step;
     cur.l += step_l;
     cur.offset += step_offset;
     if (cur.l >= L) {
@@ -339,19 +339,19 @@ struct Walk {
 
 // One pass over x. Thread (x, y) of the block handles channel tile * TC + x.
 // Per iteration it loads E elements of its channel into registers and runs
-// the math unrolled over them: one 16-byte item when a.vector (the common
-// NCHW case; outputs leave in one 16-byte store), else E one-element items TR
+// the math unrolled over them: one vector item when a.vector (the common
+// NCHW case; outputs leave in one vector store), else E one-element items TR
 // items apart; a slice's last items that fill no group of E go one by one.
 template <class Op>
 __global__ void __launch_bounds__(kThreads) element_pass(const PassArgs<typename Op::scalar_t> a) {
   using scalar_t = typename Op::scalar_t;
   using acc_t = typename Op::acc_t;
-  constexpr int E = kVecWidth<scalar_t>;
+  constexpr int E = iteration_elements(sizeof(scalar_t), Op::kComponents);
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const int64_t tiles = (a.C + blockDim.x - 1) / blockDim.x;
   const int64_t elements = a.N * a.L;
   const int64_t step = static_cast<int64_t>(blockDim.y) * (a.vector ? E : 1);
-  const Walk walk{step, step % a.L, (step / a.L) * a.stride_n + (step % a.L) * a.stride_l,
+  const Walk walk{step % a.L, (step / a.L) * a.stride_n + (step % a.L) * a.stride_l,
                   a.stride_n - a.L * a.stride_l, a.L};
 
   for (int64_t unit = blockIdx.x; unit < tiles * a.slices; unit += gridDim.x) {
@@ -364,22 +364,25 @@ __global__ void __launch_bounds__(kThreads) element_pass(const PassArgs<typename
     if (c < a.C) {
       op.load(a, c);
       const int64_t end = std::min(elements, (slice + 1) * a.chunk);
+      const int64_t e = slice * a.chunk + static_cast<int64_t>(threadIdx.y) * (a.vector ? E : 1);
+      // The thread's items in the slice, at most kMaxElementsPerThread: a
+      // 32-bit count instead of a 64-bit element index to compare with end.
+      int items = e < end ? static_cast<int>((end - e + step - 1) / step) : 0;
       Cursor cur;
-      cur.e = slice * a.chunk + static_cast<int64_t>(threadIdx.y) * (a.vector ? E : 1);
-      cur.l = cur.e % a.L;
-      cur.offset = (cur.e / a.L) * a.stride_n + c * a.stride_c + cur.l * a.stride_l;
-      const int64_t full_item_span = (E - 1) * walk.step;
-      while (cur.e < end) {
+      cur.l = e % a.L;
+      cur.offset = (e / a.L) * a.stride_n + c * a.stride_c + cur.l * a.stride_l;
+      while (items > 0) {
         const Cursor first = cur;
         // Every load of the iteration is issued before any is used.
         Packed<scalar_t, E> raw_x, raw_g;
         if (a.vector) {
-          // A full 16-byte item: the E elements straight from registers, unrolled.
+          // A full vector item: the E elements straight from registers, unrolled.
           raw_x = load_packed<E>(a.x + cur.offset);
           if constexpr (Op::kReadsGrad) {
             raw_g = load_packed<E>(a.grad_out + cur.offset);
           }
           walk.advance(cur);
+          --items;
           Packed<scalar_t, E> y;
 #pragma unroll
           for (int v = 0; v < E; ++v) {
@@ -391,17 +394,33 @@ __global__ void __launch_bounds__(kThreads) element_pass(const PassArgs<typename
           }
           continue;
         }
-        if (cur.e + full_item_span < end) {
+        // Every item of the group lies in the slice: all iterations but a
+        // slice's last take this path, so a warp's lanes agree on it.
+        const bool full_group = items >= E;
+        if (full_group) {
           // E one-element items TR items apart, also unrolled from registers.
           int64_t offsets[E];
+          if (a.evenly_spaced) {
+            // Offsets a constant step apart. cur.l is not advanced: for these
+            // views l never wraps (L == 1) or a wrap moves no offset.
+#pragma unroll
+            for (int i = 0; i < E; ++i) {
+              offsets[i] = cur.offset + i * walk.step_offset;
+            }
+            cur.offset += E * walk.step_offset;
+          } else {
+#pragma unroll
+            for (int i = 0; i < E; ++i) {
+              offsets[i] = cur.offset;
+              walk.advance(cur);
+            }
+          }
 #pragma unroll
           for (int i = 0; i < E; ++i) {
-            offsets[i] = cur.offset;
-            raw_x.v[i] = a.x[cur.offset];
+            raw_x.v[i] = a.x[offsets[i]];
             if constexpr (Op::kReadsGrad) {
-              raw_g.v[i] = a.grad_out[cur.offset];
+              raw_g.v[i] = a.grad_out[offsets[i]];
             }
-            walk.advance(cur);
           }
 #pragma unroll
           for (int v = 0; v < E; ++v) {
@@ -411,6 +430,7 @@ __global__ void __launch_bounds__(kThreads) element_pass(const PassArgs<typename
               a.out[offsets[v]] = static_cast<scalar_t>(y);
             }
           }
+          items -= E;
           continue;
         }
         // A slice's last items that fill no group of E: one at a time, in a
@@ -421,6 +441,7 @@ __global__ void __launch_bounds__(kThreads) element_pass(const PassArgs<typename
           a.out[cur.offset] = static_cast<scalar_t>(y);
         }
         walk.advance(cur);
+        --items;
       }
     }
     if constexpr (Op::kQuantities > 0) {
@@ -432,7 +453,7 @@ __global__ void __launch_bounds__(kThreads) element_pass(const PassArgs<typename
         }
         if constexpr (Op::kConvertsSums) {
           if (c < a.C) {
-            op.convert_sums(sums);
+            op.convert_sums(a, c, sums);
           }
         }
         write_unit_partials(sums, a, first_channel, slice, tid);
@@ -480,9 +501,16 @@ LaunchShape launch_shape(Kernel kernel, const ChannelView& view, int vec, int pe
           chunk};
 }
 
+// Vector access where the view is channel-major with rows of whole items and
+// every pointer in `data` is aligned to an item.
 template <class Op>
-Partials launch(PassArgs<typename Op::scalar_t> a, const ChannelView& view, const at::TensorOptions& options) {
-  constexpr int E = kVecWidth<typename Op::scalar_t>;
+Partials launch(PassArgs<typename Op::scalar_t> a, const ChannelView& view, const at::TensorOptions& options,
+                std::initializer_list<const void*> data) {
+  constexpr int element_bytes = sizeof(typename Op::scalar_t);
+  constexpr int E = iteration_elements(element_bytes, Op::kComponents);
+  a.vector = !view.channels_inner() && view.L % E == 0 &&
+             std::all_of(data.begin(), data.end(),
+                         [](const void* p) { return reinterpret_cast<uintptr_t>(p) % (E * element_bytes) == 0; });
   const auto kernel = element_pass<Op>;
   const LaunchShape shape = launch_shape(kernel, view, a.vector ? E : 1, E);
   a.slices = shape.slices;
@@ -505,20 +533,19 @@ void dispatch_components(int K, F&& f, std::integer_sequence<int, Ks...>) {
   TORCH_CHECK(found, "uan: the CUDA kernels support 1 to ", kMaxComponents, " components, got ", K);
 }
 
-// run_pass (uan_cuda.cuh): K dispatched to Op<scalar_t, K>, 16-byte access
-// where every pointer in `data` allows it.
+// run_pass (uan_cuda.cuh): K dispatched to Op<scalar_t, K>.
 template <template <typename, int> class Op, typename scalar_t>
 Partials run_pass(PassArgs<scalar_t> a, const ChannelView& view, int K, const at::TensorOptions& options,
                   std::initializer_list<const void*> data) {
   if (view.N * view.L == 0 || view.C == 0) {
     return {};
   }
-  a.vector = !view.channels_inner() && view.L % kVecWidth<scalar_t> == 0 &&
-             std::all_of(data.begin(), data.end(),
-                         [](const void* p) { return reinterpret_cast<uintptr_t>(p) % kLoadBytes == 0; });
   Partials partials;
   dispatch_components(
-      K, [&](auto components) { partials = launch<Op<scalar_t, decltype(components)::value>>(a, view, options); },
+      K,
+      [&](auto components) {
+        partials = launch<Op<scalar_t, decltype(components)::value>>(a, view, options, data);
+      },
       std::make_integer_sequence<int, kMaxComponents>{});
   return partials;
 }
