@@ -161,11 +161,14 @@ def test_compile_of_a_checkpointed_model_matches_eager(update, fullgraph):
     """Compiled around the checkpoint, the recomputation happens in eager code
     (a graph break, moving-average mode) or inside the compiled backward, and
     gives the eager step's gradients and estimates (which equal no
-    checkpointing's, see test_modules)."""
+    checkpointing's, see test_modules). The convolution's weight gradient
+    sums 256 float32 products per entry in an order the compiled backward
+    picks (seen 2.7e-5 apart from eager), hence the gradient tolerance."""
     torch.manual_seed(0)
     model = Checkpointed(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),
                                        uan_kernels.UAN(8, 3, update=update, backend="cpp"), nn.ReLU()))
-    assert_compiled_training_matches_eager(model, torch.randn(4, 3, 8, 8), fullgraph=fullgraph)
+    assert_compiled_training_matches_eager(model, torch.randn(4, 3, 8, 8), grad_rtol=1e-4, grad_atol=1e-4,
+                                           fullgraph=fullgraph)
 
 
 @pytest.mark.parametrize(
