@@ -337,6 +337,10 @@ struct Walk {
   }
 };
 
+// Elements per thread and loop iteration of pass Op (uan_cuda.cuh).
+template <class Op>
+constexpr int kIterationElements = iteration_elements(sizeof(typename Op::scalar_t), Op::kComponents);
+
 // One pass over x. Thread (x, y) of the block handles channel tile * TC + x.
 // Per iteration it loads E elements of its channel into registers and runs
 // the math unrolled over them: one vector item when a.vector (the common
@@ -346,7 +350,7 @@ template <class Op>
 __global__ void __launch_bounds__(kThreads) element_pass(const PassArgs<typename Op::scalar_t> a) {
   using scalar_t = typename Op::scalar_t;
   using acc_t = typename Op::acc_t;
-  constexpr int E = iteration_elements(sizeof(scalar_t), Op::kComponents);
+  constexpr int E = kIterationElements<Op>;
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const int64_t tiles = (a.C + blockDim.x - 1) / blockDim.x;
   const int64_t elements = a.N * a.L;
@@ -506,11 +510,11 @@ LaunchShape launch_shape(Kernel kernel, const ChannelView& view, int vec, int pe
 template <class Op>
 Partials launch(PassArgs<typename Op::scalar_t> a, const ChannelView& view, const at::TensorOptions& options,
                 std::initializer_list<const void*> data) {
-  constexpr int element_bytes = sizeof(typename Op::scalar_t);
-  constexpr int E = iteration_elements(element_bytes, Op::kComponents);
+  constexpr int E = kIterationElements<Op>;
+  constexpr int item_bytes = E * sizeof(typename Op::scalar_t);
   a.vector = !view.channels_inner() && view.L % E == 0 &&
              std::all_of(data.begin(), data.end(),
-                         [](const void* p) { return reinterpret_cast<uintptr_t>(p) % (E * element_bytes) == 0; });
+                         [](const void* p) { return reinterpret_cast<uintptr_t>(p) % item_bytes == 0; });
   const auto kernel = element_pass<Op>;
   const LaunchShape shape = launch_shape(kernel, view, a.vector ? E : 1, E);
   a.slices = shape.slices;
