@@ -10,6 +10,7 @@ the inputs are defined here, for both sides.
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -145,6 +146,11 @@ def run_ddp(rank: int, world_size: int, device) -> dict:
     batches = [(images[rank * share:(rank + 1) * share].to(device), labels[rank * share:(rank + 1) * share].to(device))
                for images, labels in cnn_batches()]
     train_cnn(ddp, batches)
+    # DDP's reducer sits in a reference cycle: left to the interpreter's exit, it is freed after
+    # destroy_process_group and aborts the process (gloo, "terminate called without an active
+    # exception"). Free it while the group is alive.
+    del ddp
+    gc.collect()
     return _cpu(model.state_dict())
 
 
