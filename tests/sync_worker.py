@@ -146,7 +146,7 @@ def run_ddp(rank: int, world_size: int, device) -> dict:
     batches = [(images[rank * share:(rank + 1) * share].to(device), labels[rank * share:(rank + 1) * share].to(device))
                for images, labels in cnn_batches()]
     train_cnn(ddp, batches)
-    # DDP's reducer sits in a reference cycle: left to the interpreter's exit, it is freed after
+    # The DDP wrapper sits in a reference cycle: left to the interpreter's exit, it is freed after
     # destroy_process_group and aborts the process (gloo, "terminate called without an active
     # exception"). Free it while the group is alive.
     del ddp
